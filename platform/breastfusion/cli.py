@@ -17,29 +17,53 @@ import click
 
 from breastfusion.errors import UserError
 
-# name -> "module:attribute" of a click command. Add a line here to add a subcommand.
-COMMANDS: dict[str, str] = {
-    "synth": "breastfusion.data.synthetic:synth_command",
-    "validate": "breastfusion.data.manifest:validate_command",
-    "split": "breastfusion.data.splits:split_command",
-    "train": "breastfusion.engine.train_cli:train_command",
-    "evaluate": "breastfusion.evaluate.cli:evaluate_command",
-    "import": "breastfusion.importers.cli:import_command",
-    "roi": "breastfusion.roi.cli:roi_group",
+# name -> ("module:attribute" of a click command, one-line help). The help text is listed
+# here so that `breastfusion --help` needs no import of the (heavy) command modules.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": (
+        "breastfusion.data.synthetic:synth_command",
+        "Generate the synthetic paired DM + US cohort.",
+    ),
+    "validate": (
+        "breastfusion.data.manifest:validate_command",
+        "Check a manifest and summarise the cohort.",
+    ),
+    "split": (
+        "breastfusion.data.splits:split_command",
+        "Make the holdout and patient-level K folds.",
+    ),
+    "train": (
+        "breastfusion.engine.train_cli:train_command",
+        "Train one model on one fold (no Ray).",
+    ),
+    "evaluate": (
+        "breastfusion.evaluate.cli:evaluate_command",
+        "Patient-level metrics with CIs and DeLong tests.",
+    ),
+    "import": (
+        "breastfusion.importers.cli:import_command",
+        "Import a public data set into a manifest.",
+    ),
+    "roi": ("breastfusion.roi.cli:roi_group", "Ultrasound lesion detector (YOLOv8): train, crop."),
 }
 
 
 class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when one is run."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
+        if name not in COMMANDS:
             return None
-        module_name, attr = target.split(":")
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        module_name, attr = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
