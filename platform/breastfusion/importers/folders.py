@@ -1,0 +1,139 @@
+"""A generic folder layout -> manifest: ``ROOT/<label>/**/<image>`` with optional masks.
+
+``<label>`` is ``benign`` or ``malignant`` (case-insensitive); other folders are reported
+and left out. Images are PNG, JPEG, TIFF, BMP, PGM or DICOM, found at any depth below the
+label folder. With ``mask_suffix`` (e.g. ``_mask``), ``x_mask.png`` and ``x_mask_1.png``
+are masks of ``x.<ext>`` in the same folder, and the image's box is the bounding box of
+their union. Patient id = file stem unless a mapping CSV (``image,patient_id``) is given.
+Pixel-identical images are handled by the duplicate policy as in the BUSI importer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from breastfusion.errors import UserError
+from breastfusion.importers.common import (
+    IMAGE_SUFFIXES,
+    LABELS,
+    ImportReport,
+    Row,
+    _ImageProblem,
+    apply_patient_map,
+    check_source_dir,
+    handle_duplicates,
+    image_dims,
+    load_patient_map,
+    masks_box,
+    safe_id,
+    write_manifest,
+)
+
+MODALITIES = ("DM", "US")
+
+
+def import_folders(
+    source: Path,
+    out: Path,
+    *,
+    modality: str,
+    mask_suffix: str | None = None,
+    patient_map: Path | None = None,
+    duplicates: str = "group",
+    near_duplicates: bool = False,
+) -> ImportReport:
+    """Write a manifest for ``source/<label>/...`` at ``out``; returns the report."""
+    modality = modality.upper()
+    if modality not in MODALITIES:
+        raise UserError(f"folders: --modality must be one of {', '.join(MODALITIES)}")
+    root = check_source_dir(Path(source), "folders")
+    label_dirs = {
+        p.name.lower(): p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".")
+    }
+    if not any(lbl in label_dirs for lbl in LABELS):
+        raise UserError(
+            f"folders: {root} has no benign/ or malignant/ folder (expected ROOT/<label>/*.png); "
+            f"found folders: {', '.join(sorted(label_dirs)) or 'none'}"
+        )
+    mapping = load_patient_map(patient_map) if patient_map else None
+    report = ImportReport(format="folders", source=str(root))
+    mask_re = (
+        re.compile(rf"^(?P<base>.+){re.escape(mask_suffix)}(?:_\d+)?$") if mask_suffix else None
+    )
+    rows: list[Row] = []
+    for name, folder in label_dirs.items():
+        if name not in LABELS:
+            for p in sorted(folder.rglob("*")):
+                if p.is_file() and not p.name.startswith("."):
+                    report.read += 1
+                    report.skip(
+                        p.relative_to(root).as_posix(),
+                        f"folder '{folder.name}' is not a label (benign|malignant)",
+                    )
+            continue
+        images: dict[Path, Path] = {}  # (dir/stem) -> file
+        masks: dict[Path, list[Path]] = {}
+        for p in sorted(folder.rglob("*")):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            rel = p.relative_to(root).as_posix()
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                report.read += 1
+                report.skip(rel, f"unsupported file type '{p.suffix or '(none)'}'")
+                continue
+            m = mask_re.match(p.stem) if mask_re else None
+            if m:
+                masks.setdefault(p.parent / m.group("base"), []).append(p)
+                continue
+            key = p.parent / p.stem
+            report.read += 1
+            if key in images:
+                report.skip(rel, f"second image with the stem of {images[key].name}")
+                continue
+            images[key] = p
+        for key, image in images.items():
+            rel = image.relative_to(root).as_posix()
+            try:
+                size = image_dims(image)
+            except _ImageProblem:
+                report.skip(rel, "unreadable image")
+                continue
+            box = None
+            if mask_re is not None:
+                box, problem = masks_box(masks.pop(key, []), size)
+                if problem:
+                    report.flag(rel, problem)
+            rows.append(
+                Row(
+                    patient_id=safe_id(image.stem),
+                    modality=modality,
+                    image=image,
+                    label=name,
+                    box=box,
+                )
+            )
+        for _key, orphan in sorted(masks.items()):
+            for m in orphan:
+                report.read += 1
+                report.skip(m.relative_to(root).as_posix(), "mask without its image")
+    if mapping is None:
+        shared = [pid for pid, n in Counter(r.patient_id for r in rows).items() if n > 1]
+        if shared:
+            report.warn(
+                f"{len(shared)} file stem(s) occur more than once and are treated as one "
+                f"patient each ({', '.join(sorted(shared)[:5])})"
+            )
+    apply_patient_map(rows, mapping, root, report)
+    rows = handle_duplicates(
+        rows,
+        duplicates,
+        report,
+        near=near_duplicates,
+        name_of=lambda r: r.image.relative_to(root).as_posix(),
+    )
+    write_manifest(rows, Path(out), report)
+    return report
