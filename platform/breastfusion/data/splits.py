@@ -59,9 +59,7 @@ def patient_labels(df: pd.DataFrame) -> pd.Series:
     n_labels = per_patient.groupby("patient_id")["y"].nunique()
     conflicting = sorted(n_labels.index[n_labels > 1])
     if conflicting:
-        raise SplitError(
-            "cannot make splits: patient(s) with both labels: " + _names(conflicting)
-        )
+        raise SplitError("cannot make splits: patient(s) with both labels: " + _names(conflicting))
     labels = per_patient.groupby("patient_id")["y"].first()
     return labels.sort_index()
 
@@ -350,7 +348,9 @@ def load_splits(
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SplitError(f"{path}: splits file not found (make one with `breastfusion split`)")
+        raise SplitError(
+            f"{path}: splits file not found (make one with `breastfusion split`)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SplitError(f"{path}: cannot read splits file: {exc}") from None
     try:

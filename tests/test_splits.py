@@ -1,0 +1,331 @@
+"""Patient-level splits: stratification, determinism, leakage detection, refusals."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from breastfusion.cli import main as cli_main
+from breastfusion.data import splits as sp
+from breastfusion.data.manifest import load_manifest
+from breastfusion.data.splits import (
+    Splits,
+    check_splits,
+    load_splits,
+    make_splits,
+    split_command,
+    write_splits,
+)
+from breastfusion.errors import SplitError
+from breastfusion.io import sha256_file
+
+
+def cohort(n_benign: int = 60, n_malignant: int = 20, seed: int = 0) -> pd.DataFrame:
+    """A manifest-like table: several image rows per patient, as the loader returns it."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    labels = [0] * n_benign + [1] * n_malignant
+    for i, y in enumerate(labels):
+        pid = f"P{i:03d}"
+        for j in range(int(rng.integers(1, 5))):
+            rows.append({"patient_id": pid, "modality": "DM" if j % 2 else "US", "y": y})
+    return pd.DataFrame(rows)
+
+
+def test_stratified_folds_and_holdout():
+    df = cohort(60, 20)
+    s = make_splits(df, folds=5, holdout=0.2, seed=3)
+    assert s["n_holdout"] == 16
+    # Holdout has the cohort's class ratio (25% malignant -> 4 of 16).
+    assert s["n_holdout_malignant"] == 4 and s["n_holdout_benign"] == 12
+    assert len(s["folds"]) == 5
+    n_dev = s["n_development"]
+    dev_mal = 20 - s["n_holdout_malignant"]
+    for f in s["folds"]:
+        assert f["n_val"] == len(f["val"]) == f["n_val_malignant"] + f["n_val_benign"]
+        assert abs(f["n_val_malignant"] - dev_mal / 5) <= 1
+        assert abs(f["n_val"] - n_dev / 5) <= 1
+    labels = df.groupby("patient_id")["y"].first()
+    for f in s["folds"]:
+        assert int(labels.loc[f["val"]].sum()) == f["n_val_malignant"]
+    assert s["holdout"] == sorted(s["holdout"])
+    assert all(f["val"] == sorted(f["val"]) for f in s["folds"])
+
+
+def test_no_patient_images_split_across_places():
+    df = cohort(50, 25, seed=1)
+    s = make_splits(df, folds=4, holdout=0.25, seed=0)
+    place = {pid: "holdout" for pid in s["holdout"]}
+    for k, f in enumerate(s["folds"]):
+        for pid in f["val"]:
+            assert pid not in place, f"{pid} in two places"
+            place[pid] = f"fold {k}"
+    # Every image row maps to exactly one place, the same for all rows of a patient.
+    per_patient = df.assign(place=df["patient_id"].map(place)).groupby("patient_id")["place"]
+    assert per_patient.nunique().eq(1).all()
+    assert df["patient_id"].map(place).notna().all()
+
+
+def test_deterministic_bytes(tmp_path):
+    df = cohort()
+    a = write_splits(make_splits(df, 5, 0.2, 7, "abc"), tmp_path / "a.json")
+    # Row order must not matter: shuffle the image rows.
+    shuffled = df.sample(frac=1.0, random_state=5).reset_index(drop=True)
+    b = write_splits(make_splits(shuffled, 5, 0.2, 7, "abc"), tmp_path / "b.json")
+    assert a.read_bytes() == b.read_bytes()
+    c = write_splits(make_splits(df, 5, 0.2, 8, "abc"), tmp_path / "c.json")
+    assert a.read_bytes() != c.read_bytes()
+    data = json.loads(a.read_text())
+    for key in ("seed", "folds_k", "holdout_fraction", "manifest_sha256", "holdout", "folds"):
+        assert key in data
+    assert data["seed"] == 7 and data["folds_k"] == 5 and data["manifest_sha256"] == "abc"
+
+
+def test_holdout_zero_means_no_holdout():
+    s = make_splits(cohort(20, 10), folds=5, holdout=0.0)
+    assert s["holdout"] == [] and s["n_development"] == 30
+
+
+@pytest.mark.parametrize("folds", [1, 0, -3])
+def test_refuses_too_few_folds(folds):
+    with pytest.raises(SplitError, match="--folds must be an integer of at least 2"):
+        make_splits(cohort(), folds=folds)
+
+
+@pytest.mark.parametrize("holdout", [1.0, 1.5, -0.1, float("nan")])
+def test_refuses_holdout_out_of_range(holdout):
+    with pytest.raises(SplitError, match=r"--holdout must be a fraction in \[0, 1\)"):
+        make_splits(cohort(), holdout=holdout)
+
+
+def test_refuses_too_few_patients_of_a_class():
+    df = cohort(n_benign=30, n_malignant=5)
+    # 5 malignant, 1 goes to the holdout -> 4 left for 5 folds.
+    with pytest.raises(SplitError) as exc:
+        make_splits(df, folds=5, holdout=0.2)
+    msg = str(exc.value)
+    assert "too few malignant patients for 5 folds: 4" in msg
+    assert "5 in total" in msg and "at least 5 needed" in msg
+    with pytest.raises(SplitError, match="too few malignant patients for 6 folds: 5 in the"):
+        make_splits(df, folds=6, holdout=0.0)
+
+
+def test_refuses_missing_class():
+    df = cohort(n_benign=30, n_malignant=0)
+    with pytest.raises(SplitError, match="no malignant patient|too few malignant"):
+        make_splits(df, folds=3, holdout=0.2)
+    with pytest.raises(SplitError, match="too few malignant patients for 3 folds: 0"):
+        make_splits(df, folds=3, holdout=0.0)
+
+
+def test_refuses_empty_holdout():
+    with pytest.raises(SplitError, match="would leave the holdout empty"):
+        make_splits(cohort(20, 10), folds=3, holdout=0.01)
+
+
+def test_refuses_holdout_without_a_class():
+    # 0.05 of 42 patients -> 2 in the holdout, both benign (2 malignant * 2/42 rounds to 0).
+    with pytest.raises(SplitError, match="would hold no malignant patient"):
+        make_splits(cohort(40, 2), folds=2, holdout=0.05)
+
+
+def test_refuses_fold_without_a_class(monkeypatch):
+    class Lopsided:
+        """A splitter that puts all malignant patients in one fold."""
+
+        def __init__(self, n_splits, **_):
+            self.n_splits = n_splits
+
+        def split(self, X, y, groups=None):
+            y = np.asarray(y)
+            mal, ben = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+            yield np.array([]), mal
+            for part in np.array_split(ben, self.n_splits - 1):
+                yield np.array([]), part
+
+    import sklearn.model_selection
+
+    monkeypatch.setattr(sklearn.model_selection, "StratifiedGroupKFold", Lopsided)
+    with pytest.raises(SplitError, match="fold 0 would hold no benign patient"):
+        make_splits(cohort(), folds=3, holdout=0.0)
+
+
+def test_refuses_conflicting_labels():
+    df = cohort()
+    df.loc[len(df)] = {"patient_id": "P000", "modality": "US", "y": 1}
+    with pytest.raises(SplitError, match="both labels: P000"):
+        make_splits(df)
+
+
+# ---- reading and leakage -------------------------------------------------------------------
+
+
+@pytest.fixture
+def written(tmp_path):
+    df = cohort()
+    path = write_splits(make_splits(df, 4, 0.2, 0, "sha-of-manifest"), tmp_path / "splits.json")
+    return df, path
+
+
+def test_load_and_train_val(written):
+    df, path = written
+    s = load_splits(path, df)
+    assert isinstance(s, Splits) and s.k == 4 and s.seed == 0
+    all_ids = set(df["patient_id"])
+    assert set(s.development) | set(s.holdout) == all_ids
+    assert not set(s.development) & set(s.holdout)
+    seen_val: set[str] = set()
+    for k in range(s.k):
+        train, val = s.train_val(k)
+        assert val == s.folds[k].val
+        assert not set(train) & set(val)
+        assert not (set(train) | set(val)) & set(s.holdout)
+        assert set(train) | set(val) == set(s.development)
+        assert all(isinstance(p, str) for p in train + val)
+        seen_val |= set(val)
+    assert seen_val == set(s.development)
+
+
+@pytest.mark.parametrize("k", [4, -1, 10])
+def test_train_val_out_of_range(written, k):
+    df, path = written
+    s = load_splits(path, df)
+    with pytest.raises(
+        SplitError, match=r"fold .* does not exist in .*splits.json: valid folds are 0\.\.3"
+    ):
+        s.train_val(k)
+
+
+def _edit(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_leak_holdout_and_fold(written):
+    df, path = written
+    data = json.loads(path.read_text())
+    victim = data["holdout"][0]
+    _edit(path, lambda d: d["folds"][2]["val"].append(victim))
+    with pytest.raises(SplitError) as exc:
+        load_splits(path, df)
+    assert f"{victim} (holdout and fold 2)" in str(exc.value)
+    assert str(path) in str(exc.value)
+
+
+def test_leak_two_folds(written):
+    df, path = written
+    victim = json.loads(path.read_text())["folds"][0]["val"][0]
+    _edit(path, lambda d: d["folds"][3]["val"].append(victim))
+    with pytest.raises(SplitError, match=rf"{victim} \(fold 0 and fold 3\)"):
+        load_splits(path, df)
+
+
+def test_manifest_patient_missing(written):
+    df, path = written
+    victim = json.loads(path.read_text())["folds"][1]["val"][0]
+    _edit(path, lambda d: d["folds"][1]["val"].remove(victim))
+    with pytest.raises(SplitError, match=rf"in neither the holdout nor any fold: {victim}"):
+        load_splits(path, df)
+
+
+def test_splits_patient_not_in_manifest(written):
+    df, path = written
+    _edit(path, lambda d: d["holdout"].append("GHOST-1"))
+    with pytest.raises(SplitError, match="in the splits but not in the manifest: GHOST-1"):
+        load_splits(path, df)
+    # The same check on a manifest that lost a patient.
+    df2, path2 = written
+    smaller = df2[df2["patient_id"] != "P001"]
+    path2.write_text(json.dumps(make_splits(df2, 4, 0.2, 0)))
+    with pytest.raises(SplitError, match="not in the manifest: P001"):
+        load_splits(path2, smaller)
+
+
+def test_check_splits_accepts_consistent_splits(written):
+    df, path = written
+    s = load_splits(path, df)
+    check_splits(s, df)  # no error
+
+
+def test_sha_mismatch_only_warns(written, caplog):
+    df, path = written
+    with caplog.at_level(logging.WARNING, logger=sp.__name__):
+        s = load_splits(path, df, manifest_sha256="another-sha")
+    assert s.k == 4
+    assert "sha256" in caplog.text and "another-sha"[:12] in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "top level is not a JSON object"),
+        ('{"holdout": [], "seed": 0}', "missing key 'folds'"),
+        ('{"holdout": [], "seed": 0, "folds": [{"val": []}]}', "at least 2 folds"),
+        ('{"holdout": [1], "seed": 0, "folds": [{"val": []}, {"val": []}]}', "'holdout' must"),
+        ('{"holdout": [], "seed": 0, "folds": [{"x": 1}, {"val": []}]}', "fold 0 has no 'val'"),
+    ],
+)
+def test_malformed_file(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(SplitError, match=match) as exc:
+        load_splits(path, cohort())
+    assert str(path) in str(exc.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SplitError, match="nope.json: splits file not found"):
+        load_splits(tmp_path / "nope.json", cohort())
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+def _write_manifest(folder, n_benign=30, n_malignant=12):
+    rows = []
+    for i in range(n_benign + n_malignant):
+        label = "malignant" if i >= n_benign else "benign"
+        for mod in ("DM", "US"):
+            name = f"p{i:03d}_{mod}.png"
+            Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(folder / name)
+            rows.append(f"P{i:03d},{mod},{name},{label}")
+    path = folder / "manifest.csv"
+    path.write_text("patient_id,modality,path,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_split_command(tmp_path):
+    manifest = _write_manifest(tmp_path)
+    out = tmp_path / "splits.json"
+    args = [str(manifest), "--folds", "3", "--holdout", "0.2", "--seed", "1", "--out", str(out)]
+    result = CliRunner().invoke(split_command, args)
+    assert result.exit_code == 0, result.output
+    assert "fold 2" in result.output and "holdout" in result.output
+    assert "malignant" in result.output
+    first = out.read_bytes()
+    data = json.loads(first)
+    assert data["folds_k"] == 3 and data["seed"] == 1
+    assert data["manifest_sha256"] == sha256_file(manifest)
+    assert CliRunner().invoke(split_command, args).exit_code == 0
+    assert out.read_bytes() == first
+    # The file round-trips through the real manifest loader and the leakage check.
+    splits = load_splits(out, load_manifest(manifest), manifest_sha256=sha256_file(manifest))
+    assert splits.k == 3 and len(splits.holdout) == data["n_holdout"]
+
+
+def test_split_command_refusal_is_a_clean_error(tmp_path, capsys):
+    manifest = _write_manifest(tmp_path)
+    out = tmp_path / "splits.json"
+    code = cli_main(["split", str(manifest), "--folds", "20", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: too few malignant patients for 20 folds: ")
+    assert "Traceback" not in err and not out.exists()
