@@ -10,3 +10,22 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 # Two cores in CI: keep each test's BLAS/torch threads bounded.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+# --- synthetic cohort shared by many tests (owned by data/synthetic.py) ---
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """A small synthetic paired cohort (40 patients, 64 px, seed 0), built once per session.
+
+    Returns the Path of its ``manifest.csv``. It has 10 malignant patients (enough for 5
+    folds plus a 20 % holdout), DICOM, 16-bit and RGB files, and a few single-modality
+    patients. Treat it as read-only: copy it before changing anything.
+    """
+    from breastfusion.data.synthetic import generate_cohort
+
+    return generate_cohort(
+        tmp_path_factory.mktemp("synthetic_cohort"), n_patients=40, seed=0, size=64, workers=1
+    )
