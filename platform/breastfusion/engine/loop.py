@@ -1,0 +1,513 @@
+"""Plain-PyTorch training and evaluation: ``fit`` and ``evaluate``.
+
+The loop knows nothing about Ray. The search wraps it through three touch points, all
+arguments of ``fit``: ``prepare_model`` and ``prepare_loader`` (Ray Train's DDP wrappers;
+identity by default; only the training loader is prepared) and ``callback`` (receives each epoch's metrics, e.g. Ray's
+``report``; a truthy return value stops training). Checkpoints go to ``out_dir``:
+``best.pt`` (best weights + config + hash) and ``last.pt`` (resumable training state).
+
+Model selection and early stopping use the validation AUC at the *patient* level (each
+patient's image/pair scores averaged first), because that is the unit a screening decision
+is made on; pair-level AUC would weight patients by how many images they happen to have.
+
+Batches are dicts from ``breastfusion.data.datasets``: ``{"image", "y", "patient_id"}`` for a
+single modality (``model(image)``) or ``{"dm", "us", "y", "patient_id"}`` for fusion
+(``model(dm, us)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from breastfusion.config import Config, OptimConfig
+from breastfusion.engine.checkpoint import (
+    cpu_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
+from breastfusion.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BEST_NAME = "best.pt"
+LAST_NAME = "last.pt"
+
+# Receives one epoch's metrics; returning True (or anything truthy) stops training.
+Callback = Callable[[dict[str, float]], Any]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns; the model passed in now holds the best weights."""
+
+    best_epoch: int  # 1-based; 0 if no epoch finished
+    best_val_auc: float  # NaN without validation data or with one class only
+    epochs_run: int
+    stop_reason: str  # "completed" | "early_stopping" | "callback" | "diverged"
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per-sample validation predictions of the best epoch (patient_id, y_true, y_score).
+    val_predictions: pd.DataFrame | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason != "completed"
+
+
+# -- public API ------------------------------------------------------------------------------
+
+
+def fit(
+    cfg: Config,
+    train_loader: Iterable[dict[str, Any]],
+    val_loader: Iterable[dict[str, Any]] | None,
+    model: nn.Module,
+    *,
+    callback: Callback | None = None,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    prepare_model: Callable[[nn.Module], nn.Module] = _identity,
+    prepare_loader: Callable[[Any], Any] = _identity,
+    resume: bool = False,
+) -> FitResult:
+    """Train ``model`` per ``cfg.optim`` and keep the state with the best patient-level val AUC.
+
+    ``device`` overrides ``cfg.train.device`` (Ray Train passes the worker's device).
+    ``resume`` continues from ``out_dir/last.pt`` when it exists and was written for the same
+    config hash. Without ``val_loader`` every epoch counts as best (a final refit).
+    """
+    seed_everything(cfg.optim.seed)
+    dev = resolve_device(device if device is not None else cfg.train.device)
+    channels_last = cfg.train.channels_last and dev.type == "cuda"
+    model = _to_device(model, dev, channels_last)
+    model = prepare_model(model)
+    # Only the training loader is sharded. Every rank validates on the whole validation set
+    # with identical weights and buffers, so every rank takes the same early-stopping decision
+    # (ranks that disagree would hang in the next all-reduce).
+    train_loader = prepare_loader(train_loader)
+
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    scheduler = build_scheduler(cfg.optim, optimizer)
+    amp = AmpPolicy(dev, cfg.train.amp)
+    state = _State()
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is not None and (out / LAST_NAME).is_file():
+        state = _resume(out / LAST_NAME, cfg, model, optimizer, scheduler, amp)
+
+    config_dict = cfg.to_dict()
+    stop_reason = "completed"
+    for epoch in range(state.epoch + 1, cfg.optim.epochs + 1):
+        # Per-epoch seeds make a resumed run draw the same batches/augmentations as an
+        # uninterrupted one, without saving every library's RNG state.
+        seed_everything(cfg.optim.seed * 100_003 + epoch)
+        _reseed_loader(train_loader, cfg.optim.seed * 100_003 + epoch)
+        _set_epoch(train_loader, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, n_train, train_s = _train_epoch(
+            model, train_loader, optimizer, amp, dev, channels_last
+        )
+        if scheduler is not None:
+            scheduler.step()
+        if val_loader is not None:
+            _sync_buffers(model)
+            val_df, val_loss = _predict(unwrap(model), val_loader, dev, amp, channels_last)
+            val_auc = patient_auc(val_df)
+        else:
+            val_df, val_loss, val_auc = None, math.nan, math.nan
+
+        improved = _improves(val_auc, state.best_auc, val_loader is None, state.best_epoch)
+        if improved:
+            state.best_auc, state.best_epoch, state.since_best = val_auc, epoch, 0
+            state.best_state = cpu_state_dict(model)
+            state.best_predictions = val_df
+        else:
+            state.since_best += 1
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_auc": val_auc,
+            "best_val_auc": state.best_auc,
+            "best_epoch": state.best_epoch,
+            "improved": bool(improved),
+            "lr": lr,
+            "samples_per_s": n_train / train_s if train_s > 0 else math.nan,
+            "epoch_time_s": train_s,
+        }
+        state.history.append(metrics)
+        state.epoch = epoch
+        if out is not None and _is_rank_zero():
+            _save(out, cfg, config_dict, model, optimizer, scheduler, amp, state, improved)
+        log.debug("epoch %d: %s", epoch, metrics)
+
+        # The callback sees every epoch, a diverged one included (the search records it).
+        asked_to_stop = bool(callback(dict(metrics))) if callback is not None else False
+        if not math.isfinite(train_loss):
+            stop_reason = "diverged"
+            break
+        if asked_to_stop:
+            stop_reason = "callback"
+            break
+        if val_loader is not None and 0 < cfg.optim.patience <= state.since_best:
+            stop_reason = "early_stopping"
+            break
+
+    if state.best_state:
+        unwrap(model).load_state_dict(state.best_state)
+    return FitResult(
+        best_epoch=state.best_epoch,
+        best_val_auc=state.best_auc,
+        epochs_run=state.epoch,
+        stop_reason=stop_reason,
+        history=state.history,
+        best_state=state.best_state,
+        val_predictions=state.best_predictions,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    device: str | torch.device = "cpu",
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> pd.DataFrame:
+    """Per-sample predictions: ``patient_id, y_true, y_score`` (malignant probability)."""
+    dev = resolve_device(device)
+    df, _ = _predict(model, loader, dev, AmpPolicy(dev, amp), channels_last and dev.type == "cuda")
+    return df
+
+
+def patient_auc(df: pd.DataFrame) -> float:
+    """ROC AUC over patients (scores averaged per patient); NaN when only one class is present."""
+    from breastfusion.evaluate.metrics import patient_scores, roc_auc
+
+    if df is None or len(df) == 0:
+        return math.nan
+    patients = patient_scores(df, source="validation predictions")
+    return roc_auc(patients["y_true"].to_numpy(), patients["y_score"].to_numpy())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a CPU run repeats exactly."""
+    seed = int(seed) % (2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; asking for CUDA without one is a user error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available here")
+    return torch.device(device)
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Stepped once per epoch, so a resumed run and a fresh one follow the same curve."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return None
+
+
+def forward_batch(
+    model: nn.Module, batch: dict[str, Any], device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
+    """Logits for a dataset batch: ``model(dm, us)`` for pairs, ``model(image)`` otherwise."""
+    if "dm" in batch and "us" in batch:
+        return model(
+            _input(batch["dm"], device, channels_last), _input(batch["us"], device, channels_last)
+        )
+    return model(_input(batch["image"], device, channels_last))
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    amp: AmpPolicy,
+    device: torch.device,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """One optimisation step (cross-entropy on the 2 logits); returns the detached loss."""
+    y = batch["y"].to(device, non_blocking=True).long()
+    with amp.autocast():
+        logits = forward_batch(model, batch, device, channels_last)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    amp.backward_step(loss, optimizer)
+    return loss.detach()
+
+
+# -- internals -------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    best_auc: float = math.nan
+    best_epoch: int = 0
+    since_best: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_predictions: pd.DataFrame | None = None
+
+
+class AmpPolicy:
+    """Mixed precision on CUDA only: bf16 where supported (no scaler), else fp16 + GradScaler."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device_type = device.type
+        self.enabled = enabled and device.type == "cuda"
+        self.dtype = None
+        self.scaler = None
+        if self.enabled:
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if self.dtype == torch.float16:
+                self.scaler = torch.amp.GradScaler("cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    amp: AmpPolicy,
+    device: torch.device,
+    channels_last: bool,
+) -> tuple[float, int, float]:
+    """One pass over ``loader``; returns (mean loss per sample, samples seen, seconds)."""
+    model.train()
+    total, n = 0.0, 0
+    start = time.perf_counter()
+    for batch in loader:
+        loss = train_step(model, batch, optimizer, amp, device, channels_last)
+        total += float(loss) * len(batch["y"])
+        n += len(batch["y"])
+    seconds = time.perf_counter() - start
+    return (total / n if n else math.nan), n, seconds
+
+
+@torch.no_grad()
+def _predict(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    device: torch.device,
+    amp: AmpPolicy,
+    channels_last: bool,
+) -> tuple[pd.DataFrame, float]:
+    """Per-sample scores and the mean cross-entropy over ``loader`` (model in eval mode)."""
+    model.eval()
+    ids: list[str] = []
+    labels: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    total = 0.0
+    for batch in loader:
+        y = batch["y"].to(device).long()
+        with amp.autocast():
+            logits = forward_batch(model, batch, device, channels_last)
+        logits = logits.float()
+        total += float(F.cross_entropy(logits, y, reduction="sum"))
+        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+        labels.append(y.cpu().numpy())
+        ids.extend(str(p) for p in batch["patient_id"])
+    n = len(ids)
+    df = pd.DataFrame(
+        {
+            "patient_id": pd.Series(ids, dtype=str),
+            "y_true": np.concatenate(labels).astype(int) if labels else np.empty(0, int),
+            "y_score": np.concatenate(scores).astype(float) if scores else np.empty(0),
+        }
+    )
+    return df, (total / n if n else math.nan)
+
+
+def _improves(auc: float, best: float, no_validation: bool, best_epoch: int) -> bool:
+    """Strictly better AUC wins; ties keep the earlier (less trained) state.
+
+    Without validation the latest state is the result. A NaN AUC (one class in validation)
+    never beats a real one, but the first epoch is always kept so there is a state to return.
+    """
+    if no_validation or best_epoch == 0:
+        return True
+    if math.isnan(auc):
+        return False
+    return math.isnan(best) or auc > best
+
+
+def _reseed_loader(loader: Any, seed: int) -> None:
+    """Restart a loader's random streams per epoch: its own ``torch.Generator`` (loader or
+    sampler) and, when augmentation runs in the main process, the dataset's augmenters."""
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(seed)
+    if getattr(loader, "num_workers", None) == 0:
+        dataset = getattr(loader, "dataset", None)
+        while (
+            dataset is not None and not hasattr(dataset, "reseed") and hasattr(dataset, "dataset")
+        ):
+            dataset = dataset.dataset  # Subset (replication oversampling)
+        if hasattr(dataset, "reseed"):
+            dataset.reseed(seed)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_rank_zero() -> bool:
+    """Under DDP only rank 0 writes checkpoints (all ranks hold the same weights)."""
+    import torch.distributed as dist
+
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every DDP rank rank 0's BatchNorm statistics before validating.
+
+    DDP keeps parameters equal but each rank updates its running statistics from its own
+    last batch; without this, ranks could score validation slightly differently.
+    """
+    if not _distributed():
+        return
+    import torch.distributed as dist
+
+    for buffer in unwrap(model).buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """DistributedSampler (added by Ray Train) reshuffles only when told the epoch."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def _save(
+    out: Path,
+    cfg: Config,
+    config_dict: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    amp: AmpPolicy,
+    state: _State,
+    improved: bool,
+) -> None:
+    meta = {"epoch": state.epoch, "best_epoch": state.best_epoch, "val_auc": state.best_auc}
+    if improved:
+        save_checkpoint(out / BEST_NAME, state.best_state, config_dict, meta=meta)
+    train_state = {
+        "epoch": state.epoch,
+        "best_auc": state.best_auc,
+        "best_epoch": state.best_epoch,
+        "since_best": state.since_best,
+        "history": state.history,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
+    }
+    save_checkpoint(out / LAST_NAME, model, config_dict, meta=meta, train_state=train_state)
+
+
+def _resume(
+    path: Path,
+    cfg: Config,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    amp: AmpPolicy,
+) -> _State:
+    """Restore weights, optimiser and counters from ``last.pt`` written for this same config."""
+    ckpt = load_checkpoint(path)
+    if ckpt.config_hash != cfg.config_hash():
+        raise UserError(
+            f"cannot resume from {path}: it was written for a different config "
+            f"(hash {ckpt.config_hash[:12]}, this run {cfg.config_hash()[:12]})"
+        )
+    ts = ckpt.train_state or {}
+    unwrap(model).load_state_dict(ckpt.state_dict)
+    optimizer.load_state_dict(ts["optimizer"])
+    if scheduler is not None and ts.get("scheduler") is not None:
+        scheduler.load_state_dict(ts["scheduler"])
+    if amp.scaler is not None and ts.get("scaler") is not None:
+        amp.scaler.load_state_dict(ts["scaler"])
+    state = _State(
+        epoch=int(ts["epoch"]),
+        best_auc=float(ts["best_auc"]),
+        best_epoch=int(ts["best_epoch"]),
+        since_best=int(ts["since_best"]),
+        history=list(ts["history"]),
+    )
+    best_path = path.parent / BEST_NAME
+    state.best_state = (
+        load_checkpoint(best_path).state_dict if best_path.is_file() else cpu_state_dict(model)
+    )
+    log.info("resumed from %s at epoch %d", path, state.epoch)
+    return state
