@@ -609,3 +609,17 @@ def test_mask_of_another_size_gives_no_box_and_bad_mapping_is_named(tmp_path):
     with pytest.raises(UserError, match="invalid patient mapping") as exc:
         import_busi(root, tmp_path / "m.csv", patient_map=bad)
     assert "line 3" in str(exc.value)
+
+
+def test_non_utf8_csv_inputs_are_user_errors(tmp_path):
+    from breastfusion.importers import cbis_ddsm
+    from breastfusion.importers.common import ImportReport, load_patient_map
+
+    mapping = tmp_path / "map.csv"
+    mapping.write_bytes("image,patient_id\nJos\xe9.png,1\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"map\.csv: the patient mapping is not UTF-8"):
+        load_patient_map(mapping)
+    desc = tmp_path / "mass_case_description_train_set.csv"
+    desc.write_bytes("patient_id,pathology\nJos\xe9,MALIGNANT\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"mass_case_description_train_set\.csv is not UTF-8"):
+        cbis_ddsm._read_csv(desc, "mass", "train", {}, ImportReport("cbis-ddsm", str(tmp_path)))

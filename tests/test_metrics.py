@@ -167,3 +167,17 @@ def test_read_predictions(tmp_path):
         read_predictions(path, require_model=True)
     with pytest.raises(UserError, match="nope.csv: predictions file not found"):
         read_predictions(tmp_path / "nope.csv")
+
+
+def test_read_predictions_keeps_patient_ids_verbatim(tmp_path):
+    """Leading zeros stay, 'NA'/'null' are ids (not missing), padding is stripped as the
+    manifest strips it; an empty id is still an error naming its line."""
+    from breastfusion.evaluate.metrics import read_predictions
+
+    path = tmp_path / "p.csv"
+    path.write_text("patient_id,y_true,y_score\n007,1,0.9\nNA,0,0.1\nnull,0,0.2\n 042 ,1,0.7\n")
+    df = read_predictions(path)
+    assert df["patient_id"].tolist() == ["007", "NA", "null", "042"]
+    path.write_text("patient_id,y_true,y_score\n007,1,0.9\n,0,0.1\n")
+    with pytest.raises(UserError, match=r"empty patient_id at line 3"):
+        read_predictions(path)

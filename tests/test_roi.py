@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -359,6 +360,7 @@ def test_crop_output_is_atomic(cohort, tmp_path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous run")
+    (out / "roi_summary.json").write_text("{}")  # marks it as an earlier crop's output
 
     def broken(images):
         raise RuntimeError("detector crashed")
@@ -366,9 +368,25 @@ def test_crop_output_is_atomic(cohort, tmp_path) -> None:
     with pytest.raises(RuntimeError, match="crashed"):
         crop_manifest(df, out, broken, batch=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "out"]  # no temp folder
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "roi_summary.json"]
     with pytest.raises(ConfigError, match="--fallback"):
         crop_manifest(df, out, broken, fallback="nearest")  # type: ignore[arg-type]
+
+
+def test_crop_never_replaces_a_folder_it_did_not_write(cohort, tmp_path) -> None:
+    """`--out` pointing at the user's data (e.g. the cohort itself) must not delete it."""
+    manifest, df = cohort
+    before = sorted(p.relative_to(manifest.parent) for p in manifest.parent.rglob("*"))
+    with pytest.raises(UserError, match=rf"refusing to replace {re.escape(str(manifest.parent))}"):
+        crop_manifest(df, manifest.parent, None, use_boxes=True)
+    assert sorted(p.relative_to(manifest.parent) for p in manifest.parent.rglob("*")) == before
+    # Its own earlier output is replaced, and nothing else is left beside it.
+    out = tmp_path / "crops"
+    crop_manifest(df, out, None, use_boxes=True)
+    (out / "stale.txt").write_text("x")
+    crop_manifest(df, out, None, use_boxes=True, margin=0.0)
+    assert not (out / "stale.txt").exists() and (out / "manifest.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_crop_module_stays_light() -> None:

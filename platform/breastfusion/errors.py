@@ -37,3 +37,10 @@ class SplitError(UserError):
 
 class ConfigError(UserError):
     """A configuration value or file is invalid."""
+
+
+class OutputError(UserError, OSError):
+    """A file or folder cannot be written (names the path and the system's reason).
+
+    Also an ``OSError``, so code that already catches ``OSError`` around a write still does.
+    """

@@ -265,6 +265,36 @@ def load_normalised(path: PathLike) -> np.ndarray:
     return minmax(read_grey(path), source=path)
 
 
+Box = tuple[int, int, int, int]
+
+
+def box_of(foreground: np.ndarray) -> Box | None:
+    """Bounding box ``(x0, y0, x1, y1)`` of the True pixels of a 2-D mask, or None if empty.
+
+    The manifest's convention: x0/y0 inclusive, x1/y1 exclusive (slice bounds), so a mask
+    covering the whole image gives ``(0, 0, width, height)``.
+    """
+    fg = np.asarray(foreground, dtype=bool)
+    rows = np.flatnonzero(fg.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(fg.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def union_boxes(boxes) -> Box | None:
+    """The smallest box holding every box of ``boxes`` (None for none)."""
+    boxes = list(boxes)
+    if not boxes:
+        return None
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
 def image_size(path: PathLike) -> tuple[int, int]:
     """(width, height) from the header only (no pixel decode), for box checks on many files."""
     p = _check_file(path)

@@ -6,7 +6,10 @@ A manifest is a CSV with one row per image::
     [, view, laterality, box_x0, box_y0, box_x1, box_y1] [, any extra columns]
 
 ``path`` is relative to the manifest's folder or absolute; a box is in pixels of that image
-(US boxes train the ROI detector). Validation collects *every* problem before failing, so a
+(US boxes train the ROI detector) with slice semantics: ``box_x0``/``box_y0`` inclusive,
+``box_x1``/``box_y1`` exclusive, so ``(0, 0, width, height)`` is the whole image and
+``image[y0:y1, x0:x1]`` is the lesion. The synthetic generator, the importers, ``roi.crop``
+and ``roi.yolo`` all use this convention. Validation collects *every* problem before failing, so a
 user fixes a manifest in one round, and each problem names the CSV line (header = line 1),
 column, patient and file involved. Patients with a single modality are only a warning:
 single-modal models use them, fusion cannot.

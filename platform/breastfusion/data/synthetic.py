@@ -98,24 +98,15 @@ from PIL import Image
 from scipy import ndimage
 from scipy.special import ndtri
 
+from breastfusion.data.imaging import box_of, union_boxes
+from breastfusion.data.manifest import KNOWN_COLUMNS
 from breastfusion.errors import UserError
-from breastfusion.io import atomic_write_text, dumps_json
+from breastfusion.io import atomic_write_text, dumps_json, ensure_dir
 
 log = logging.getLogger(__name__)
 
 DIFFICULTIES = ("easy", "standard", "hard")
-MANIFEST_COLUMNS = (
-    "patient_id",
-    "modality",
-    "path",
-    "label",
-    "view",
-    "laterality",
-    "box_x0",
-    "box_y0",
-    "box_x1",
-    "box_y1",
-)
+MANIFEST_COLUMNS = KNOWN_COLUMNS  # the manifest contract, owned by data/manifest.py
 TRUTH_COLUMNS = (
     "patient_id",
     "label",
@@ -544,11 +535,7 @@ def _patch(cy: float, cx: float, ext: float, h: int, w: int):
 
 
 def _bbox(mask: np.ndarray, thr: float) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero((mask > thr).any(axis=1))
-    cols = np.flatnonzero((mask > thr).any(axis=0))
-    if rows.size == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+    return box_of(mask > thr)
 
 
 def _dots(
@@ -736,14 +723,7 @@ def _dm_lesion(
         )
         if bb is not None:
             boxes.append(bb)
-    if not boxes:
-        return None
-    return (
-        min(b_[0] for b_ in boxes),
-        min(b_[1] for b_ in boxes),
-        max(b_[2] for b_ in boxes),
-        max(b_[3] for b_ in boxes),
-    )
+    return union_boxes(boxes)
 
 
 # ----------------------------------------------------------------------------- US
@@ -1183,8 +1163,7 @@ def generate_cohort(
     if size < MIN_SIZE:
         raise UserError(f"--size must be at least {MIN_SIZE} px (got {size})")
     prm = params if params is not None else resolve_params(difficulty)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     manifest = out / "manifest.csv"
     images = out / "images"
     if images.exists() and any(images.iterdir()) and not (out / "cohort_truth.csv").exists():

@@ -34,7 +34,15 @@ import pandas as pd
 from breastfusion.errors import UserError
 from breastfusion.evaluate import metrics as M
 from breastfusion.evaluate import stats as S
-from breastfusion.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from breastfusion.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_dir,
+    json_clean,
+    read_csv_table,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,17 +281,7 @@ def evaluate_predictions(
     return _clean(result), scores
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe and byte-stable: NaN/inf → null, numpy → Python, floats to 6 decimals."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return round(obj, 6) if math.isfinite(obj) else None
-    return obj
+_clean = json_clean  # JSON-safe, byte-stable (NaN → null, numpy → Python, 6 decimals)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,8 +389,7 @@ def plot_reliability(result: dict[str, Any], path: str | os.PathLike) -> Path:
 def write_outputs(
     result: dict[str, Any], scores: pd.DataFrame, out_dir: str | os.PathLike
 ) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     return {
         "metrics.json": atomic_write_json(out / "metrics.json", result),
         "metrics.md": atomic_write_text(out / "metrics.md", render_markdown(result)),
@@ -489,9 +486,4 @@ def evaluate_command(
 
 def _read(path: Path) -> pd.DataFrame:
     """Read a predictions CSV without validating (evaluate_predictions validates)."""
-    try:
-        return pd.read_csv(path, dtype={"patient_id": str, "model": str})
-    except FileNotFoundError:
-        raise UserError(f"{path}: predictions file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read as CSV ({exc})") from None
+    return read_csv_table(path, what="predictions file", str_columns=("patient_id", "model"))

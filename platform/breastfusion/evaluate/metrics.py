@@ -63,7 +63,8 @@ def validate_predictions(
     if "model" not in out.columns:
         out["model"] = "model"
     out["model"] = out["model"].astype(str)
-    out["patient_id"] = out["patient_id"].astype(str)
+    # Stripped as load_manifest strips, so " 007" here and "007" in the manifest match.
+    out["patient_id"] = out["patient_id"].astype(str).str.strip()
     line = pd.Series(np.arange(len(out)) + 2, index=out.index)
 
     def where(mask: pd.Series) -> list[str]:
@@ -97,13 +98,10 @@ def validate_predictions(
 
 def read_predictions(path: str | os.PathLike, *, require_model: bool = False) -> pd.DataFrame:
     """Read and validate a predictions CSV (see ``validate_predictions``)."""
+    from breastfusion.io import read_csv_table
+
     path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype={"patient_id": str, "model": str})
-    except FileNotFoundError:
-        raise UserError(f"{path}: predictions file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read as CSV ({exc})") from None
+    df = read_csv_table(path, what="predictions file", str_columns=("patient_id", "model"))
     return validate_predictions(df, str(path), require_model=require_model)
 
 

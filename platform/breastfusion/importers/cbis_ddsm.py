@@ -232,6 +232,17 @@ def import_cbis_ddsm(
 def _read_csv(
     path: Path, kind: str, split: str, by_key: dict[str, _Image], report: ImportReport
 ) -> None:
+    try:
+        _read_rows(path, kind, split, by_key, report)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cbis-ddsm: {path} is not UTF-8 text ({exc.reason})") from None
+    except (OSError, csv.Error) as exc:
+        raise UserError(f"cbis-ddsm: cannot read {path} ({exc})") from None
+
+
+def _read_rows(
+    path: Path, kind: str, split: str, by_key: dict[str, _Image], report: ImportReport
+) -> None:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:

@@ -13,35 +13,24 @@ import csv
 import hashlib
 import io
 import logging
-import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from breastfusion.data.imaging import box_of, union_boxes  # noqa: F401 (re-exported)
+from breastfusion.data.manifest import BOX_COLUMNS, KNOWN_COLUMNS, LABELS  # noqa: F401
 from breastfusion.errors import UserError
-from breastfusion.io import atomic_write_text
+from breastfusion.io import atomic_write_text, portable_path
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "patient_id",
-    "modality",
-    "path",
-    "label",
-    "view",
-    "laterality",
-    "box_x0",
-    "box_y0",
-    "box_x1",
-    "box_y1",
-)
-BOX_COLUMNS: tuple[str, ...] = ("box_x0", "box_y0", "box_x1", "box_y1")
-LABELS: tuple[str, ...] = ("benign", "malignant")
+# The manifest contract is owned by data/manifest.py; re-exported here for the importers.
+MANIFEST_COLUMNS: tuple[str, ...] = KNOWN_COLUMNS
 RASTER_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm"}
 )
@@ -183,15 +172,10 @@ class Row:
 def manifest_path(image: Path, manifest_dir: Path) -> str:
     """The path to store: relative (POSIX) when the image lies under the manifest's folder.
 
-    Otherwise absolute and fully resolved, so the manifest never holds ``..`` segments
-    (which break when the manifest is moved and hide where the data really is).
+    Otherwise absolute, so the manifest never holds ``..`` segments (which break when the
+    manifest is moved and hide where the data really is). See ``io.portable_path``.
     """
-    image = Path(os.path.abspath(image))
-    base = Path(os.path.abspath(manifest_dir))
-    try:
-        return image.relative_to(base).as_posix()
-    except ValueError:
-        return str(image.resolve())
+    return portable_path(image, manifest_dir)
 
 
 def harmonise_patient_labels(rows: Sequence[Row], report: ImportReport) -> None:
@@ -287,27 +271,6 @@ def mask_foreground(array: np.ndarray) -> np.ndarray:
     return np.asarray(array) != 0
 
 
-def box_of(foreground: np.ndarray) -> Box | None:
-    """Half-open bounding box of the True pixels, or None for an empty mask."""
-    rows = np.flatnonzero(foreground.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(foreground.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def union_boxes(boxes: Iterable[Box]) -> Box | None:
-    boxes = list(boxes)
-    if not boxes:
-        return None
-    return (
-        min(b[0] for b in boxes),
-        min(b[1] for b in boxes),
-        max(b[2] for b in boxes),
-        max(b[3] for b in boxes),
-    )
-
-
 def masks_box(masks: Sequence[Path], image_size: tuple[int, int]) -> tuple[Box | None, str]:
     """Box around the union of several mask files of one image, or (None, reason).
 
@@ -348,6 +311,15 @@ def load_patient_map(path: Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"patient mapping file not found: {path}")
+    try:
+        return _read_patient_map(path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: the patient mapping is not UTF-8 text ({exc.reason})") from None
+    except (OSError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot read the patient mapping ({exc})") from None
+
+
+def _read_patient_map(path: Path) -> dict[str, str]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]

@@ -31,17 +31,15 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from breastfusion.data.manifest import BOX_COLUMNS, DERIVED_COLUMNS
 from breastfusion.errors import ConfigError, UserError
-from breastfusion.io import atomic_dir, dumps_json
+from breastfusion.io import atomic_dir, dumps_json, portable_path
 
 logger = logging.getLogger(__name__)
 
 Fallback = Literal["centre", "whole", "drop"]
 FALLBACKS: tuple[str, ...] = ("centre", "whole", "drop")
 ROI_SOURCES: tuple[str, ...] = ("detected", "box", "fallback")
-BOX_COLUMNS: tuple[str, ...] = ("box_x0", "box_y0", "box_x1", "box_y1")
-# Columns load_manifest adds; they are not part of the manifest file format.
-DERIVED_COLUMNS: tuple[str, ...] = ("row", "abs_path", "y")
 ROI_COLUMNS: tuple[str, ...] = (
     "roi_source",
     "roi_confidence",
@@ -193,14 +191,7 @@ def relative_path(target: str | os.PathLike, start: Path) -> str:
     ``load_manifest`` refuses relative paths that climb out with ``..`` by default, and
     because another drive has no relative path at all.
     """
-    target_abs = os.path.abspath(target)
-    try:
-        rel = os.path.relpath(target_abs, os.path.abspath(start))
-    except ValueError:
-        return Path(target_abs).as_posix()
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        return Path(target_abs).as_posix()
-    return Path(rel).as_posix()
+    return portable_path(target, start)
 
 
 # ------------------------------------------------------------------------------ the manifest
@@ -261,7 +252,7 @@ def crop_manifest(
 
     decisions: dict[int, dict] = {}
     dropped: list[int] = []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, owned_marker="roi_summary.json") as tmp:
         crops = tmp / "crops"
         crops.mkdir()
         paths = list(images)

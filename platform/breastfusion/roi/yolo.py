@@ -56,6 +56,7 @@ from breastfusion.roi.crop import (
     Detection,
     row_box,
     safe_name,
+    save_png,
     to_uint8,
 )
 
@@ -317,7 +318,7 @@ def export_yolo_dataset(
                 )
             lines.append("0 " + " ".join(f"{v:.6f}" for v in label))
         stem = f"{safe_name(first['patient_id'])}_r{int(first['row'])}"
-        _save_png(image, out / "images" / part / f"{stem}.png")
+        save_png(image, out / "images" / part / f"{stem}.png")
         (out / "labels" / part / f"{stem}.txt").write_text("\n".join(lines) + "\n")
         n_images[part] += 1
         n_boxes[part] += len(lines)
@@ -342,12 +343,6 @@ def export_yolo_dataset(
         n_boxes,
         {"train": len(patients.train), "val": len(patients.val)},
     )
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(image).save(path, format="PNG")
 
 
 # ------------------------------------------------------------------------------ training
@@ -394,7 +389,7 @@ def train_detector(
     )
     out_dir = Path(out_dir).absolute()
     model = _load_model(weights)  # fails fast on a missing weights file, before any export
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, owned_marker="metrics.json") as tmp:
         export = export_yolo_dataset(df, tmp / "dataset", patients)
         logger.info(
             "detector data: %d train / %d val images (%d / %d patients), %d holdout patients "
