@@ -184,7 +184,7 @@ def final_model(
         trained, cfg, df, split_set, result, name, holdout.excluded, mode, target_sensitivity
     )
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owned_marker="metadata.json") as tmp:
         files = write_outputs(tmp, trained, result, predictions, oof, meta)
         gallery = None
         if gradcam_per_category > 0:
