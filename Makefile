@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m breastfusion.demo --out $(DEMO_OUT)
+	$(BIN)/breastfusion run jobs/demo.yaml --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -20,6 +20,10 @@ from breastfusion.errors import UserError
 # name -> ("module:attribute" of a click command, one-line help). The help text is listed
 # here so that `breastfusion --help` needs no import of the (heavy) command modules.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": (
+        "breastfusion.study_cli:run_command",
+        "Run a whole study (STUDY.yaml) from data to report.",
+    ),
     "synth": (
         "breastfusion.data.synthetic:synth_command",
         "Generate the synthetic paired DM + US cohort.",
@@ -40,9 +44,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "breastfusion.evaluate.cli:evaluate_command",
         "Patient-level metrics with CIs and DeLong tests.",
     ),
+    "final": (
+        "breastfusion.final:final_command",
+        "Refit the chosen configuration, evaluate once on the holdout, export, Grad-CAM.",
+    ),
+    "aggregate": (
+        "breastfusion.evaluate.aggregate:aggregate_command",
+        "Study tables and the best configuration from search folders.",
+    ),
+    "report": ("breastfusion.report.html:report_command", "Self-contained HTML report of a study."),
     "import": (
         "breastfusion.importers.cli:import_command",
         "Import a public data set into a manifest.",
+    ),
+    "search": (
+        "breastfusion.distributed.cli:search_command",
+        "Ray Tune + Optuna search over patient-level folds.",
     ),
     "roi": ("breastfusion.roi.cli:roi_group", "Ultrasound lesion detector (YOLOv8): train, crop."),
 }
@@ -84,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
+    except OSError as exc:
+        # Backstop: a filesystem problem the code did not anticipate still gets one line.
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
