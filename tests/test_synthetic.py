@@ -247,3 +247,12 @@ def test_cli_is_registered_and_reports_errors(
     assert (tmp_path / "d" / "manifest.csv").is_file()
     assert main(["synth", "--out", str(tmp_path / "e"), "--patients", "0"]) == 2
     assert "error: --patients must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_patients", [160, 200])
+def test_cohort_sizes_that_once_crashed_render(tmp_path, n_patients):
+    """Tall US lesions in shallow sectors used to make the lesion depth range empty."""
+    from breastfusion.data.synthetic import generate_cohort
+
+    manifest = generate_cohort(tmp_path, n_patients=n_patients, seed=0, size=32, workers=1)
+    assert manifest.is_file()

@@ -836,9 +836,11 @@ def _render_us(
     lcx = rng.uniform(
         sx0 + la * 1.3 + margin, max(sx0 + la * 1.3 + margin + 1, sx1 - la * 1.3 - margin)
     )
-    lcy = sy0 + rng.uniform(
-        max(0.15 * sh_ + lb * 1.3, 0.3 * sh_), max(0.3 * sh_ + 1, 0.75 * sh_ - lb * 1.3)
-    )
+    lo = max(0.15 * sh_ + lb * 1.3, 0.3 * sh_)
+    # A tall lesion in a shallow sector can push the upper bound below the lower one; numpy
+    # then raises. Clamping changes only draws that used to crash (cohorts stay identical).
+    hi = max(0.3 * sh_ + 1, 0.75 * sh_ - lb * 1.3, lo)
+    lcy = sy0 + rng.uniform(lo, hi)
     angle = rng.uniform(-0.25, 0.25) + (sh.angle * 0.1)
     soft = max(0.4, (0.4 + 1.6 * s) * sc)
     sl, dy, dx = _patch(lcy - sy0, lcx - sx0, max(la, lb) * 1.6 + 3 * soft + 2, sh_, sw)
