@@ -347,16 +347,17 @@ def _roi_run(ctx: StageContext, out: Path) -> dict[str, Any]:
             seed=int(train["seed"]),
             weights=train.get("weights"),
         )
-        result["detector_metrics"] = {
-            k: metrics.get(k) for k in ("map50", "map50_95") if k in metrics
-        }
+        result["detector_metrics"] = {k: metrics.get(k) for k in ("mAP50", "mAP50-95")}
         detector = YoloDetector(
             out / "detector" / "weights" / "best.pt",
             conf=float(crop["conf"]),
             iou=float(crop["iou"]),
             imgsz=int(train["imgsz"]),
         )
-        ctx.echo(f"    detector mAP50 {metrics.get('map50', float('nan')):.3f}")
+        ctx.echo(
+            f"    detector mAP50 {metrics.get('mAP50') or float('nan'):.3f} on "
+            f"{metrics.get('n_images', {}).get('val', '?')} held-out development images"
+        )
     from breastfusion.roi.crop import crop_manifest
 
     cropped = crop_manifest(
@@ -460,8 +461,9 @@ def _final_run(ctx: StageContext, out: Path) -> dict[str, Any]:
     return {"final_dir": str(out), "headline": results["chosen"].headline}
 
 
-def _compare_on_holdout(per_modality: dict[str, Path], out: Path, settings: dict[str, Any],
-                        debug: bool) -> None:
+def _compare_on_holdout(
+    per_modality: dict[str, Path], out: Path, settings: dict[str, Any], debug: bool
+) -> None:
     """One metrics.json over every modality's holdout predictions (shared patients)."""
     import pandas as pd
 
