@@ -304,7 +304,7 @@ def test_training_loader_is_sharded_and_validation_is_not(cohort):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_workers_train_one_fold_on_the_full_validation_set(cohort, tmp_path):
-    from breastfusion.distributed.search import run_search
+    from breastfusion.distributed.search import search
     from breastfusion.engine.train_cli import _fold_patients
 
     raw = yaml.safe_load(DEBUG_SPACE.read_text())
@@ -323,7 +323,7 @@ def test_ddp_two_cpu_workers_train_one_fold_on_the_full_validation_set(cohort, t
     space.write_text(yaml.safe_dump(raw))
     manifest, splits = cohort
     out = tmp_path / "out"
-    summary = run_search(space, manifest, splits, out, folds=[0])
+    summary = search(space, manifest, splits, out, folds=[0])
     (row,) = summary.trials.to_dict("records")
     assert row["status"] == "complete", row
     fold = out / "trials" / row["trial"] / "fold0"

@@ -28,9 +28,9 @@ def search_command(
     space_path: Path, manifest: Path, splits: Path, out: Path, resume: bool, debug: bool
 ) -> None:
     """Search hyperparameters; each trial is one configuration scored over the K folds."""
-    from breastfusion.distributed.search import run_search
+    from breastfusion.distributed.search import search
 
-    summary = run_search(
+    summary = search(
         space_path, manifest, splits, out, resume=resume, debug=debug, echo=click.echo
     )
     shown = summary.trials[["trial", "mean_auc", "std_auc", "folds_done", "status"]]

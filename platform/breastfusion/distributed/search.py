@@ -1,6 +1,6 @@
 """Ray Tune + Optuna over patient-level folds: one trial = one configuration scored on K folds.
 
-Data flow of a search (``run_search``)::
+Data flow of a search (``search``)::
 
     search space YAML ─▶ SearchSpace (validated) ─▶ Tune param_space
     manifest + splits ─▶ leakage-checked ─▶ fixed base Config
@@ -71,27 +71,8 @@ class SearchSummary:
 # the driver
 
 
-def run_search(
-    space_path: str | Path,
-    manifest: str | Path,
-    splits: str | Path,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    debug: bool = False,
-    base: Config | None = None,
-    folds: list[int] | None = None,
-    echo: Callable[[str], None] = print,
-) -> SearchSummary:
-    """Run (or resume) a search; every input problem is raised before any trial starts."""
-    space = load_space(space_path)
-    return search(
-        space, manifest, splits, out, resume=resume, debug=debug, base=base, folds=folds, echo=echo
-    )
-
-
 def search(
-    space: SearchSpace,
+    space: SearchSpace | str | Path,
     manifest: str | Path,
     splits: str | Path,
     out: str | Path,
@@ -102,9 +83,15 @@ def search(
     folds: list[int] | None = None,
     echo: Callable[[str], None] = print,
 ) -> SearchSummary:
+    """Run (or resume) a search; every input problem is raised before any trial starts.
+
+    ``space`` is a validated ``SearchSpace`` or the path of its YAML file.
+    """
     from breastfusion.data.manifest import load_manifest
     from breastfusion.data.splits import load_splits
 
+    if not isinstance(space, SearchSpace):
+        space = load_space(space)
     if debug:
         space = space.for_debug()
     manifest, splits, out = Path(manifest).resolve(), Path(splits).resolve(), Path(out).resolve()
