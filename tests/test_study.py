@@ -42,8 +42,10 @@ def _write(tmp_path: Path, doc: dict) -> Path:
         ({"data": {"synthetic": {}}, "roi": {"mode": "magic"}}, "roi.mode 'magic'"),
         ({"data": {"synthetic": {}}, "backbones": {"mri": {}}}, "unknown key 'mri'"),
         (
-            {"data": {"synthetic": {}},
-             "fusion": {"space": {"model.backbone_dm": {"choice": ["resnet19"]}}}},
+            {
+                "data": {"synthetic": {}},
+                "fusion": {"space": {"model.backbone_dm": {"choice": ["resnet19"]}}},
+            },
             "unknown backbone 'resnet19'",
         ),
         (
@@ -87,8 +89,13 @@ def test_debug_study_runs_every_stage_then_skips_and_resumes(tmp_path, capsys):
     for section in ("Cohort", "ROC", "Grad-CAM", "DM+US"):
         assert section in page
     final = out / "08_final"
-    for name in ("metrics.json", "predictions_holdout.csv", "model/model.pt",
-                 "model/model.torchscript.pt", "model/metadata.json"):
+    for name in (
+        "metrics.json",
+        "predictions_holdout.csv",
+        "model/model.pt",
+        "model/model.torchscript.pt",
+        "model/metadata.json",
+    ):
         assert (final / name).is_file(), name
     metrics = json.loads((final / "metrics.json").read_text())
     assert {"DM only", "US only", "DM+US"} <= set(metrics["models"])

@@ -30,9 +30,7 @@ def search_command(
     """Search hyperparameters; each trial is one configuration scored over the K folds."""
     from breastfusion.distributed.search import search
 
-    summary = search(
-        space_path, manifest, splits, out, resume=resume, debug=debug, echo=click.echo
-    )
+    summary = search(space_path, manifest, splits, out, resume=resume, debug=debug, echo=click.echo)
     shown = summary.trials[["trial", "mean_auc", "std_auc", "folds_done", "status"]]
     click.echo(shown.to_string(index=False))
     click.echo(f"wrote {out / 'trials.csv'} and {out / 'best.json'}")
