@@ -195,19 +195,24 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return from_dict(raw)
 
 
-def load_yaml(path: str | Path) -> Config:
-    """Read a YAML config; relative paths in it are taken relative to the file's folder."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parse a YAML file; an unreadable or malformed file is a ``ConfigError`` naming it
+    (``what`` says which kind of file: "config file", "search space", "study file")."""
     import yaml
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Read a YAML config; relative paths in it are taken relative to the file's folder."""
+    path = Path(path)
+    raw = read_yaml(path, "config file")
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     raw = _resolve_paths(copy.deepcopy(raw or {}), path.resolve().parent)

@@ -75,15 +75,10 @@ class StudyConfig:
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    import yaml
+    from breastfusion.config import read_yaml
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read study file {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"study file {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "study file")
     if not isinstance(raw, dict):
         raise ConfigError(f"study file {path} must be a mapping (see jobs/demo.yaml)")
     for key, value in raw.items():

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breastfusion.config import Config
+from breastfusion.config import Config, read_yaml
 from breastfusion.errors import ConfigError
 from breastfusion.io import sha256_json
 
@@ -180,15 +180,8 @@ def _min_size_for(key: str, base: Config, space: SearchSpace) -> int:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file (see the module docstring)."""
-    import yaml
-
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read search space {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"search space {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "search space")
     try:
         return parse_space(raw, default_name=path.stem)
     except ConfigError as exc:
