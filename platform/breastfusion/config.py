@@ -49,8 +49,14 @@ class DataConfig:
     # a CPU run feasible. The search varies these.
     size_dm: int = _f(224, ge=8, le=4096)
     size_us: int = _f(224, ge=8, le=4096)
-    # auto: pad whole mammograms to square (geometry matters), squash tight US lesion crops.
-    resize: Literal["auto", "pad", "squash"] = "auto"
+    # pad: keep the aspect ratio (pad to a square, centred, zero grey), for both modalities:
+    # a US lesion's taller-than-wide shape is BI-RADS evidence that squashing would erase.
+    # squash: stretch to a square (an option, not the default).
+    resize: Literal["pad", "squash"] = "pad"
+    # Fusion only: at most this many (DM, US) pairs per patient per epoch, drawn afresh each
+    # epoch so that every pair is seen over the epochs; None = every pair every epoch (the
+    # study's full cross-combination), whose epoch cost grows with images per patient squared.
+    pairs_per_patient: int | None = _f(None, ge=1, le=10_000)
     # None: a ``.cache`` folder next to the manifest (shared by every run on that cohort).
     cache_dir: str | None = None
     # Loader worker processes; None = auto (none on <= 2 cores, where they steal the model's).
