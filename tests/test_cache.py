@@ -14,11 +14,12 @@ from breastfusion.data import imaging
 from breastfusion.data.cache import (
     ImageCache,
     PreprocessSpec,
+    default_cache_dir,
     default_spec,
     preprocess,
     warm_cache,
 )
-from breastfusion.errors import ConfigError, ImageError
+from breastfusion.errors import ConfigError, ImageError, UserError
 
 
 def _png(path: Path, h: int, w: int, seed: int) -> Path:
@@ -68,11 +69,31 @@ def test_spec_rejects_bad_values(bad):
         PreprocessSpec(**bad)
 
 
-def test_default_spec_pads_mammograms_and_squashes_crops():
-    assert default_spec("dm", 64).resize == "pad"
-    assert default_spec("US", 32).resize == "squash"
+@pytest.mark.parametrize("modality", ["DM", "us"])
+def test_default_spec_keeps_the_aspect_ratio_for_both_modalities(modality):
+    # Squashing US crops erased the taller-than-wide cue (BI-RADS evidence): pad by default.
+    assert default_spec(modality, 32) == PreprocessSpec(32, "pad")
+    assert default_spec(modality, 32, "squash") == PreprocessSpec(32, "squash")
+
+
+@pytest.mark.parametrize("resize", ["auto", "crop", ""])
+def test_default_spec_rejects_unknown_resize_naming_the_key(resize):
+    with pytest.raises(ConfigError, match=r"data\.resize.*pad.*squash"):
+        default_spec("US", 32, resize)
+
+
+def test_default_spec_rejects_unknown_modality_and_bad_size():
     with pytest.raises(ConfigError, match="MRI"):
         default_spec("MRI", 32)
+    with pytest.raises(ConfigError, match=r"data\.size_us"):
+        default_spec("US", 0)
+
+
+def test_tall_us_crop_stays_tall_by_default():
+    tall = np.ones((40, 20), dtype=np.float32)  # a taller-than-wide lesion crop
+    out = preprocess(tall, default_spec("US", 32))
+    rows, cols = np.nonzero(out)
+    assert np.ptp(rows) + 1 == 32 and np.ptp(cols) + 1 == 16  # 2:1 kept, black side columns
 
 
 def test_pad_keeps_aspect_squash_fills_square():
@@ -204,3 +225,74 @@ def test_parallel_warm_then_serial_reuse(tmp_path, images, pool):
     assert (rep2.decoded, rep2.reused) == (0, 4)
     np.testing.assert_array_equal(arrays[1], preprocess(_load(images[1]), spec))
     assert "4 decoded" in str(rep)
+
+
+# --- where the cache lives: read-only data folders --------------------------------------------
+
+
+def _blocked(tmp_path: Path) -> Path:
+    """A folder that can never be created: its parent is a regular file (works as root too)."""
+    blocker = tmp_path / "readonly_mount"
+    blocker.write_text("not a folder")
+    return blocker / "cache"
+
+
+@pytest.mark.parametrize("pool", ["serial", "thread", "process"])
+def test_unwritable_cache_is_a_user_error_naming_folder_and_key(tmp_path, images, pool):
+    root = _blocked(tmp_path)
+    c = ImageCache(root)
+    with pytest.raises(UserError, match=r"readonly_mount/cache.*data\.cache_dir") as err:
+        if pool == "serial":
+            c.get(images[0], PreprocessSpec(32))
+        else:
+            c.warm(images, PreprocessSpec(32), workers=2, pool=pool)
+    assert "Not a directory" in str(err.value)  # the system's reason is kept
+
+
+def test_read_only_mount_error_names_the_cache_folder(tmp_path, images, monkeypatch):
+    import errno
+    import tempfile
+
+    def erofs(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", erofs)
+    root = tmp_path / "cache"
+    with pytest.raises(UserError, match="Read-only file system") as err:
+        ImageCache(root).get(images[0], PreprocessSpec(32))
+    assert str(root) in str(err.value) and "data.cache_dir" in str(err.value)
+
+
+def test_complete_cache_is_readable_without_write_access(tmp_path, images, monkeypatch, decodes):
+    import tempfile
+
+    root = tmp_path / "cache"
+    built, _ = ImageCache(root).load_many(images, PreprocessSpec(32))
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: pytest.fail("cache wrote a file"))
+    again, rep = ImageCache(root).load_many(images, PreprocessSpec(32))
+    assert rep.reused == 4 and len(decodes) == 4
+    np.testing.assert_array_equal(built, again)
+
+
+def test_default_cache_dir_beside_a_writable_manifest(tmp_path):
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("patient_id\n")
+    got = default_cache_dir(manifest, fallback_dir=tmp_path / "run" / "cache")
+    assert got == (tmp_path / "data" / ".cache").resolve() and got.is_dir()
+    assert not (tmp_path / "run").exists()
+    assert list(got.iterdir()) == []  # the write probe leaves nothing behind
+
+
+def test_default_cache_dir_falls_back_when_the_data_folder_is_read_only(tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / ".cache").write_text("a file where the cache folder would go")
+    fallback = tmp_path / "run" / "cache"
+    got = default_cache_dir(data / "manifest.csv", fallback_dir=fallback)
+    assert got == fallback.resolve() and got.is_dir()
+    assert "not writable" in caplog.text and "data.cache_dir" in caplog.text
+    with pytest.raises(UserError, match=r"data/\.cache.*data\.cache_dir"):
+        default_cache_dir(data / "manifest.csv")
+    with pytest.raises(UserError, match=r"readonly_mount/cache.*data\.cache_dir"):
+        default_cache_dir(data / "manifest.csv", fallback_dir=_blocked(tmp_path))

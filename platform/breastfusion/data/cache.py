@@ -16,6 +16,16 @@ Entry file layout (``<root>/<spec hash[:16]>/<key[:2]>/<key>.u8``)::
 Entries are written to a temporary file and renamed into place (``breastfusion.io``), so a
 killed run leaves at most a ``.*.tmp`` file that no lookup ever opens. The payload checksum also
 catches an entry damaged later (truncated copy, disk trouble): such an entry is rebuilt.
+
+Where the cache lives: ``data.cache_dir`` when set, else ``default_cache_dir(manifest)``, a
+``.cache`` folder beside the manifest when that folder can be written, else a fallback the
+caller names (the engine passes one under the run's output), so a read-only data mount works
+without configuration. A cache folder that cannot be written when an entry must be built is a
+``UserError`` naming the folder and ``data.cache_dir``. Reading a complete cache needs no write
+access, so a pre-built cache on a read-only mount can be shared via ``data.cache_dir``.
+
+The preprocessing itself (``PreprocessSpec``, ``preprocess``, ``default_spec``) lives in
+``preprocess.py`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -33,92 +43,79 @@ from typing import Literal
 
 import numpy as np
 
-from breastfusion.errors import ConfigError, ImageError
+from breastfusion.data.preprocess import (
+    PREPROCESS_VERSION,
+    RESIZE_MODES,
+    PreprocessSpec,
+    ResizeMode,
+    default_spec,
+    preprocess,
+)
+from breastfusion.errors import ImageError, OutputError
 from breastfusion.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-# Bump when the preprocessing algorithm changes in a way that alters pixels: every key changes.
-PREPROCESS_VERSION = 1
-RESIZE_MODES = ("pad", "squash")
-ResizeMode = Literal["pad", "squash"]
 PoolKind = Literal["thread", "process"]
+CACHE_DIR_NAME = ".cache"
 
 _MAGIC = b"BFC1"
 _HEADER = struct.Struct("<4sII32s")  # magic, height, width, sha256(payload)
 
 
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Everything that determines the pixels of a cache entry (goes into model metadata).
+def unwritable_cache_error(root: str | os.PathLike, exc: BaseException) -> OutputError:
+    """The one message for a cache folder that cannot be written (names folder and key)."""
+    # breastfusion.io wraps the system error; its cause carries the plain reason.
+    cause = exc.__cause__ if isinstance(exc, OutputError) and exc.__cause__ else exc
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return OutputError(
+        f"cannot write the preprocessing cache folder {os.fspath(root)} ({reason}); set "
+        "data.cache_dir to a writable folder"
+    )
 
-    ``size``: side of the square output. ``resize``: ``"pad"`` keeps the aspect ratio by padding
-    with black to a square before resizing (whole mammograms: geometry matters and the background
-    is black); ``"squash"`` stretches to square (tight lesion crops, no wasted pixels).
+
+def _writable_dir(path: Path) -> bool:
+    """Create ``path`` if needed and prove a file can be made in it (``os.access`` is not
+    enough: it ignores some read-only mounts and ACLs)."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
+
+
+def default_cache_dir(
+    manifest_path: str | os.PathLike, fallback_dir: str | os.PathLike | None = None
+) -> Path:
+    """Where the cache goes when ``data.cache_dir`` is not set.
+
+    ``<manifest folder>/.cache`` when it can be written (created if missing, so runs on the
+    same data share one cache); otherwise ``fallback_dir`` (created; the engine passes a folder
+    under the run's output), with a warning, because that cache is not shared between runs.
+    Without a fallback an unwritable folder is an ``OutputError`` naming it and
+    ``data.cache_dir``. To reuse a pre-built cache on a read-only mount, set
+    ``data.cache_dir`` to it explicitly (reads need no write access).
     """
-
-    size: int
-    resize: ResizeMode = "pad"
-    version: int = PREPROCESS_VERSION
-
-    def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ConfigError(f"preprocessing size must be a positive integer, got {self.size!r}")
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(
-                f"preprocessing resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}"
-            )
-
-    def to_dict(self) -> dict[str, int | str]:
-        return {"size": self.size, "resize": self.resize, "version": self.version}
-
-    @property
-    def hash(self) -> str:
-        """sha256 of the canonical JSON of the parameters (stable across runs and machines)."""
-        from breastfusion.io import sha256_json
-
-        return sha256_json({"preprocess": self.to_dict()})
-
-
-def default_spec(modality: str, size: int, resize: str = "auto") -> PreprocessSpec:
-    """The spec for a modality; ``resize="auto"`` pads whole mammograms (DM) and squashes US
-    lesion crops (a tight crop has no background worth padding)."""
-    modality = modality.upper()
-    if modality not in ("DM", "US"):
-        raise ConfigError(f"unknown modality {modality!r} (expected DM or US)")
-    if resize == "auto":
-        resize = "pad" if modality == "DM" else "squash"
-    return PreprocessSpec(size=size, resize=resize)  # type: ignore[arg-type]
-
-
-def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize a normalised float image in [0, 1] (H×W) to a ``spec.size`` square uint8 array.
-
-    Resizing happens in float32 (before quantisation) so that downscaling averages the full
-    intensity resolution; area interpolation when shrinking avoids aliasing of fine
-    calcifications and speckle, bilinear when enlarging.
-    """
-    import cv2
-
-    if image.ndim != 2:
-        raise ValueError(f"expected a 2-D grey image, got shape {image.shape}")
-    img = np.asarray(image, dtype=np.float32)
-    if spec.resize == "pad":
-        h, w = img.shape
-        side = max(h, w)
-        if h != w:
-            top, left = (side - h) // 2, (side - w) // 2
-            padded = np.zeros((side, side), dtype=np.float32)
-            padded[top : top + h, left : left + w] = img
-            img = padded
-    h, w = img.shape
-    s = spec.size
-    if (h, w) != (s, s):
-        shrink = s < h or s < w
-        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        img = cv2.resize(img, (s, s), interpolation=interp)
-    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return out
+    beside = Path(manifest_path).resolve().parent / CACHE_DIR_NAME
+    if _writable_dir(beside):
+        return beside
+    if fallback_dir is None:
+        raise unwritable_cache_error(beside, PermissionError("not writable"))
+    fallback = Path(fallback_dir).resolve()
+    if not _writable_dir(fallback):
+        raise unwritable_cache_error(fallback, PermissionError("not writable"))
+    log.warning(
+        "preprocessing cache: %s is not writable; using %s (set data.cache_dir to share a "
+        "cache between runs)",
+        beside,
+        fallback,
+    )
+    return fallback
 
 
 def _source_identity(path: str | os.PathLike) -> dict[str, int | str]:
@@ -214,7 +211,7 @@ class ImageCache:
         status = "decoded"
         try:
             data = entry.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the latter: a file blocks the folder
             data = None
         if data is not None:
             arr = _decode(data, spec.size)
@@ -226,8 +223,11 @@ class ImageCache:
         from breastfusion.data import imaging
 
         arr = preprocess(imaging.load_normalised(path), spec)
-        self._write_spec(spec)
-        atomic_write_bytes(entry, _encode(arr))
+        try:
+            self._write_spec(spec)
+            atomic_write_bytes(entry, _encode(arr))
+        except OSError as exc:  # OutputError from breastfusion.io is an OSError too
+            raise unwritable_cache_error(self.root, exc) from exc
         return arr, status
 
     def _write_spec(self, spec: PreprocessSpec) -> None:
@@ -346,3 +346,20 @@ def warm_cache(
 ) -> WarmReport:
     """Convenience wrapper: ``ImageCache(root).warm(paths, spec, workers=..., pool=...)``."""
     return ImageCache(root).warm(paths, spec, workers=workers, pool=pool)
+
+
+__all__ = [
+    "CACHE_DIR_NAME",
+    "PREPROCESS_VERSION",
+    "RESIZE_MODES",
+    "ImageCache",
+    "PreprocessSpec",
+    "ResizeMode",
+    "WarmReport",
+    "cache_key",
+    "default_cache_dir",
+    "default_spec",
+    "preprocess",
+    "unwritable_cache_error",
+    "warm_cache",
+]
