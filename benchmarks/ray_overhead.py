@@ -64,7 +64,7 @@ def fixed_values(args: argparse.Namespace) -> dict:
 
 def plain(cfg, folds: int, root: Path) -> tuple[list[float], float, float]:
     """(wall seconds per fold, training samples, training seconds) of run_fold per fold."""
-    from breastfusion.engine.train_cli import run_fold
+    from breastfusion.engine.fold import run_fold
 
     samples = seconds = 0.0
     walls = []

@@ -41,7 +41,7 @@ REQUIRED_FILES = (
 @pytest.fixture(scope="module")
 def search_dir(synthetic_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real two-fold search folder of one trial (1 epoch, 32 px): fold models + OOF scores."""
-    from breastfusion.engine.train_cli import run_fold
+    from breastfusion.engine.fold import run_fold
 
     root = tmp_path_factory.mktemp("final")
     df = load_manifest(synthetic_cohort)
@@ -284,7 +284,7 @@ def test_torchscript_runs_on_cpu_without_breastfusion(refit_dir: Path, tmp_path:
 
 def test_ensemble_averages_the_fold_models(search_dir: Path, tmp_path: Path):
     from breastfusion.engine.checkpoint import load_checkpoint, load_weights
-    from breastfusion.engine.train_cli import build_model_from_config
+    from breastfusion.engine.fold import build_model_from_config
 
     choice = FM.locate_best(search_dir)
     out = tmp_path / "final_ensemble"

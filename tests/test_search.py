@@ -274,7 +274,7 @@ def test_resume_continues_without_rerunning_finished_trials(cohort, tmp_path):
 def test_training_loader_is_sharded_and_validation_is_not(cohort):
     from breastfusion.config import Config
     from breastfusion.distributed.ray_train import shard_training_loader
-    from breastfusion.engine.train_cli import build_fold_data
+    from breastfusion.engine.fold import build_fold_data
 
     manifest, splits = cohort
     cfg = Config().with_overrides(
@@ -305,7 +305,7 @@ def test_training_loader_is_sharded_and_validation_is_not(cohort):
 @pytest.mark.slow
 def test_ddp_two_cpu_workers_train_one_fold_on_the_full_validation_set(cohort, tmp_path):
     from breastfusion.distributed.search import search
-    from breastfusion.engine.train_cli import _fold_patients
+    from breastfusion.engine.fold import _fold_patients
 
     raw = yaml.safe_load(DEBUG_SPACE.read_text())
     raw.update(

@@ -14,11 +14,11 @@ from breastfusion.config import Config, load_yaml
 from breastfusion.data.manifest import load_manifest
 from breastfusion.data.splits import make_splits, write_splits
 from breastfusion.engine.checkpoint import load_checkpoint
-from breastfusion.engine.train_cli import (
+from breastfusion.engine.cli import resolve_config
+from breastfusion.engine.fold import (
     CHECKPOINT_DIR,
     METRICS_NAME,
     _subset,
-    resolve_config,
     run_fold,
 )
 from breastfusion.errors import ConfigError, UserError

@@ -11,11 +11,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
-from breastfusion.errors import UserError
+from breastfusion.errors import Terminated, UserError
 
 # name -> ("module:attribute" of a click command, one-line help). The help text is listed
 # here so that `breastfusion --help` needs no import of the (heavy) command modules.
@@ -25,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Run a whole study (STUDY.yaml) from data to report.",
     ),
     "synth": (
-        "breastfusion.data.synthetic:synth_command",
+        "breastfusion.data.synthetic.cli:synth_command",
         "Generate the synthetic paired DM + US cohort.",
     ),
     "validate": (
@@ -37,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Make the holdout and patient-level K folds.",
     ),
     "train": (
-        "breastfusion.engine.train_cli:train_command",
+        "breastfusion.engine.cli:train_command",
         "Train one model on one fold (no Ray).",
     ),
     "evaluate": (
@@ -93,11 +95,26 @@ def cli(verbose: int) -> None:
     logging.getLogger("breastfusion").setLevel(min(level, logging.INFO))
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    # A second SIGTERM while cleaning up after the first aborts at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the group, turning user errors into clean exits."""
+    """Console entry point: run the group, turning user errors into clean exits.
+
+    Exit codes: 0 done, 2 user error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+    An interrupt is never success: commands mark nothing finished that did not finish.
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="breastfusion", standalone_mode=False)
+    except Terminated:
+        click.echo("terminated (SIGTERM): nothing unfinished was marked done", err=True)
+        return 143
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
@@ -106,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         click.echo(f"error: {where}{exc.strerror or exc}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:
+        # click turns KeyboardInterrupt (and so Terminated) into Abort.
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("terminated (SIGTERM): nothing unfinished was marked done", err=True)
+            return 143
+        click.echo("interrupted: nothing unfinished was marked done", err=True)
         return 130
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo("interrupted: nothing unfinished was marked done", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()

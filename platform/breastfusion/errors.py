@@ -44,3 +44,17 @@ class OutputError(UserError, OSError):
 
     Also an ``OSError``, so code that already catches ``OSError`` around a write still does.
     """
+
+
+class Interrupted(UserError):
+    """The user stopped the work (Ctrl-C: exit 130; SIGTERM: exit 143). Nothing unfinished
+    was marked done; the message says how to continue."""
+
+    def __init__(self, message: str, *, exit_code: int = 130, details: list[str] | None = None):
+        super().__init__(message, details=details)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (see ``cli.main``), so that ``finally`` blocks and
+    context managers clean up exactly as for Ctrl-C; the exit code is 143, not 130."""

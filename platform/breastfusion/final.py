@@ -473,7 +473,7 @@ def training_patients(cfg: Config, df: pd.DataFrame, development: Sequence[str])
     """All development patients (``data.max_patients`` keeps a class-balanced subset: debug)."""
     ids = list(development)
     if cfg.data.max_patients is not None:
-        from breastfusion.engine.train_cli import _subset
+        from breastfusion.engine.fold import _subset
 
         labels = df.assign(pid=df["patient_id"].astype(str)).groupby("pid")["y"].max()
         ids = _subset(ids, labels, cfg.data.max_patients, cfg.optim.seed)
@@ -493,7 +493,7 @@ def refit(
     """Train ``cfg`` on every development patient with no validation fold."""
     from breastfusion.data.datasets import make_loader
     from breastfusion.engine.loop import fit
-    from breastfusion.engine.train_cli import build_model_from_config
+    from breastfusion.engine.fold import build_model_from_config
 
     if epochs is None:
         n_epochs, rule = refit_epochs(fold_dirs, cfg.optim.epochs)
@@ -578,7 +578,7 @@ def load_ensemble(
 ) -> Trained:
     """The search's fold models (``fold<k>/model.pt``) as one averaging model."""
     from breastfusion.engine.checkpoint import load_checkpoint, load_weights
-    from breastfusion.engine.train_cli import build_model_from_config
+    from breastfusion.engine.fold import build_model_from_config
 
     paths = [d / "model.pt" for d in fold_dirs]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -630,7 +630,7 @@ def load_final_model(directory: str | Path) -> nn.Module:
     """Rebuild an exported final model from ``model.pt`` + ``metadata.json`` (CPU, eval mode)."""
     import torch
 
-    from breastfusion.engine.train_cli import build_model_from_config
+    from breastfusion.engine.fold import build_model_from_config
 
     directory = Path(directory)
     meta = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))

@@ -44,6 +44,30 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read by setting and restoring (not thread-safe)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0666/0777 minus the umask).
+
+    ``tempfile.mkstemp``/``mkdtemp`` create 0600/0700 entries; renamed into place they would
+    hide reports and models from colleagues on shared storage.
+    """
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -58,6 +82,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        shareable(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -73,27 +98,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def dumps_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, fixed indent, trailing newline)."""
-    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    """Deterministic, valid JSON (``json_clean``ed: no bare NaN; sorted keys, fixed indent,
+    trailing newline)."""
+    text = json.dumps(
+        json_clean(obj), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False
+    )
+    return text + "\n"
 
 
-def json_clean(obj: Any, digits: int = 6) -> Any:
-    """JSON-safe and byte-stable: NaN/inf → null, numpy scalars → Python, paths → str,
-    floats rounded to ``digits`` decimals (so results do not differ in the last bits)."""
+def json_clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf → null, numpy scalars → Python, paths → str. Floats keep full
+    precision (Python's shortest repr round-trips exactly): a threshold of 4.5e-7 or a p-value
+    of 9.04e-5 is stored as computed, never rounded to 0."""
     if isinstance(obj, dict):
-        return {str(k): json_clean(v, digits) for k, v in obj.items()}
+        return {str(k): json_clean(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [json_clean(v, digits) for v in obj]
+        return [json_clean(v) for v in obj]
     if type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0:  # np scalars
         obj = obj.item()
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if isinstance(obj, float):
-        return round(obj, digits) if math.isfinite(obj) else None
+        return obj if math.isfinite(obj) else None
     return obj
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``json_clean(obj)``: valid JSON (no bare NaN), sorted keys, full precision."""
     return atomic_write_text(path, dumps_json(obj))
 
 
@@ -122,6 +153,7 @@ def atomic_dir(path: str | os.PathLike, *, owned_marker: str | None = None) -> I
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise _output_error(path, exc) from exc
+    shareable(tmp, folder=True)
     try:
         yield tmp
         _swap_in(tmp, path)

@@ -155,7 +155,7 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from breastfusion.distributed.search import _FoldReporter
-    from breastfusion.engine.train_cli import run_fold
+    from breastfusion.engine.fold import run_fold
 
     # Ray Train workers log at INFO: every report and every epoch line of every rank would
     # reach the console; the curves are in Tune/TensorBoard already.

@@ -57,7 +57,7 @@ METRIC = "cv_auc"
 EXPERIMENT_FILE = "experiment.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
-MODEL_NAME = "model.pt"  # as breastfusion.engine.train_cli writes it
+MODEL_NAME = "model.pt"  # as breastfusion.engine.fold writes it
 
 
 @dataclass(frozen=True)
@@ -482,7 +482,7 @@ class _FoldReporter:
 
 
 def _fold_in_process(cfg: Config, fold_dir: Path, reporter: _FoldReporter) -> float:
-    from breastfusion.engine.train_cli import run_fold
+    from breastfusion.engine.fold import run_fold
 
     result = run_fold(cfg, fold_dir, callback=reporter)
     auc = result.metrics.get("auc")

@@ -204,6 +204,82 @@ def threshold_for_sensitivity(y: np.ndarray, s: np.ndarray, target: float) -> fl
     return float(pos[needed - 1])
 
 
+@dataclass(frozen=True)
+class OperatingPointCheck:
+    """Whether a threshold chosen for a target sensitivity gives a usable operating point."""
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+    warnings: tuple[str, ...]
+    achievable: tuple[tuple[float, float, float], ...]  # (threshold, sensitivity, specificity)
+
+
+MIN_USEFUL_SPECIFICITY = 0.2
+
+
+def check_operating_point(
+    y: np.ndarray, s: np.ndarray, threshold: float, target: float, source: str
+) -> OperatingPointCheck:
+    """Warn when a target sensitivity is reachable only by calling nearly everyone malignant
+    (specificity < 0.2 on ``source``) or when the threshold lies below every benign score;
+    list the achievable (threshold, sensitivity, specificity) points on the ROC's upper hull."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=float)
+    m = binary_metrics(y, s, threshold)
+    warnings = []
+    if len(s[~y]) and threshold <= float(np.min(s[~y])):
+        warnings.append(
+            f"{source}: the threshold for sensitivity {target:g} ({threshold:.6g}) is at or below "
+            "every benign score: every patient is called malignant"
+        )
+    elif m.specificity < MIN_USEFUL_SPECIFICITY:
+        warnings.append(
+            f"{source}: sensitivity {target:g} is reached only at specificity "
+            f"{m.specificity:.3f} (threshold {threshold:.6g}): nearly everyone is called malignant"
+        )
+    return OperatingPointCheck(
+        threshold, m.sensitivity, m.specificity, tuple(warnings), _points(y, s)
+    )
+
+
+def _points(
+    y: np.ndarray, s: np.ndarray, limit: int = 12
+) -> tuple[tuple[float, float, float], ...]:
+    """Distinct operating points (each unique score as a threshold), thinned to ``limit``."""
+    out = []
+    for t in np.unique(s)[::-1]:
+        m = binary_metrics(y, s, float(t))
+        out.append((float(t), m.sensitivity, m.specificity))
+    if len(out) > limit:
+        idx = np.unique(np.linspace(0, len(out) - 1, limit).round().astype(int))
+        out = [out[i] for i in idx]
+    return tuple(out)
+
+
+def degenerate_reason(scores: np.ndarray, *, rel_sd: float = 1e-6) -> str | None:
+    """Why a model's validation scores look collapsed, or None when they do not.
+
+    Degenerate: fewer distinct patient scores than max(3, 20% of the patients) (a working model
+    gives continuous, almost never tied patient means), or scores whose SD is below ``rel_sd``
+    of their magnitude (constant up to float noise). Not a criterion: every patient called one
+    class at some threshold — that depends on the threshold, not on the model.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    n = len(s)
+    if n == 0:
+        return "no finite score"
+    distinct = len(np.unique(s))
+    needed = max(3, math.ceil(0.2 * n))
+    if n >= 3 and distinct < needed:
+        return f"{distinct} distinct score(s) over {n} patients (a working model gives >= {needed})"
+    sd = float(np.std(s))
+    if sd <= rel_sd * (1.0 + float(np.mean(np.abs(s)))):
+        return f"scores nearly constant (SD {sd:.3g} around {float(np.mean(s)):.6g})"
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------------------------

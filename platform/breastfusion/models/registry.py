@@ -102,23 +102,32 @@ class Registry:
 BACKBONES = Registry("backbone")
 HEADS = Registry("head")
 
+# Each backbone's facts in one entry (no torch needed to read them):
 # min_size: the smallest height/width accepted. Measured on torchvision 0.29 (batch 2,
-# train and eval): ResNet/ResNeXt run down to 1 px, GoogLeNet to 15 px, VGG16 to 32 px,
-# Inception v3 to 75 px. We enforce max(measured, 32): 32 is the total stride of every
-# backbone, and below it the last stage sees only padding and Grad-CAM maps are 1×1.
+#   train and eval): ResNet/ResNeXt run down to 1 px, GoogLeNet to 15 px, VGG16 to 32 px,
+#   Inception v3 to 75 px. We enforce max(measured, 32): 32 is the total stride of every
+#   backbone, and below it the last stage sees only padding and Grad-CAM maps are 1×1.
 # feature_dim: size of the pooled feature vector the backbone returns.
-for _name, _min, _dim in (
-    ("resnet18", 32, 512),
-    ("resnet50", 32, 2048),
-    ("resnext50_32x4d", 32, 2048),
-    ("inception_v3", 75, 2048),
-    ("vgg16", 32, 512),
-    ("googlenet", 32, 1024),
+# params: parameters of the feature extractor (no classifier), counted on torchvision 0.29
+#   with these builders (tests/test_models.py checks them); the best rule's tie-break.
+# label: how tables and reports name it. Order = the study's tables.
+for _name, _label, _min, _dim, _params in (
+    ("resnet18", "ResNet-18", 32, 512, 11_176_512),
+    ("resnet50", "ResNet-50", 32, 2048, 23_508_032),
+    ("resnext50_32x4d", "ResNeXt-50", 32, 2048, 22_979_904),
+    ("inception_v3", "Inception v3", 75, 2048, 21_785_568),
+    ("vgg16", "VGG16", 32, 512, 14_714_688),
+    ("googlenet", "GoogLeNet", 32, 1024, 5_599_904),
 ):
     BACKBONES.register(
-        _name, f"breastfusion.models.backbones:{_name}", min_size=_min, feature_dim=_dim
+        _name,
+        f"breastfusion.models.backbones:{_name}",
+        min_size=_min,
+        feature_dim=_dim,
+        label=_label,
+        params=_params,
     )
-del _name, _min, _dim
+del _name, _label, _min, _dim, _params
 
 # inputs: 1 for the single-modal head, 2 for the (DM, US) late-fusion heads.
 HEADS.register("single", "breastfusion.models.fusion:LinearHead", inputs=1)
@@ -152,6 +161,16 @@ def min_input_size(name: str) -> int:
 def feature_dim(name: str) -> int:
     """Length of the pooled feature vector of backbone ``name``."""
     return int(BACKBONES.meta(name)["feature_dim"])
+
+
+def backbone_label(name: str) -> str:
+    """Display name of a backbone (``ResNet-18``); an unknown name is shown as given."""
+    return str(BACKBONES.meta(name)["label"]) if name in BACKBONES else name
+
+
+def backbone_params(name: str) -> int | None:
+    """Feature-extractor parameter count of a backbone; None for an unknown name."""
+    return int(BACKBONES.meta(name)["params"]) if name in BACKBONES else None
 
 
 def check_input_size(name: str, height: int, width: int | None = None) -> None:
