@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breastfusion.data import synthetic
-from breastfusion.data.synthetic import PRESETS, generate_cohort, plan_cohort, synth_command
+from breastfusion.data.synthetic import PRESETS, generate_cohort, plan_cohort, writer
+from breastfusion.data.synthetic.cli import synth_command
 from breastfusion.errors import UserError
 
 
@@ -186,11 +186,12 @@ def test_difficulty_changes_the_latent_mix() -> None:
 
 
 def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--patients"):
+    with pytest.raises(UserError, match=r"^data\.synthetic\.patients must be at least 1"):
         generate_cohort(tmp_path / "x", n_patients=0)
-    with pytest.raises(UserError, match="--size"):
+    with pytest.raises(UserError, match=r"^data\.synthetic\.size must be at least 24"):
         generate_cohort(tmp_path / "x", n_patients=2, size=8)
-    with pytest.raises(UserError, match="'impossible'.*easy, standard, hard"):
+    assert not (tmp_path / "x").exists()  # nothing written before the arguments are checked
+    with pytest.raises(UserError, match="difficulty.*'impossible'.*easy, standard, hard"):
         generate_cohort(tmp_path / "x", n_patients=2, difficulty="impossible")
     foreign = tmp_path / "foreign"
     (foreign / "images").mkdir(parents=True)
@@ -213,8 +214,8 @@ def test_interrupted_run_leaves_no_manifest(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    real = synthetic.render_patient
-    monkeypatch.setattr(synthetic, "render_patient", boom)
+    real = writer.render_patient
+    monkeypatch.setattr(writer, "render_patient", boom)
     with pytest.raises(KeyboardInterrupt):
         generate_cohort(out, n_patients=5, size=32, workers=1)
     assert not (out / "manifest.csv").exists()
@@ -247,6 +248,9 @@ def test_cli_is_registered_and_reports_errors(
     assert (tmp_path / "d" / "manifest.csv").is_file()
     assert main(["synth", "--out", str(tmp_path / "e"), "--patients", "0"]) == 2
     assert "error: --patients must be at least 1" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "e"), "--size", "8"]) == 2
+    assert "error: --size must be at least 24 px" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("n_patients", [160, 200])
