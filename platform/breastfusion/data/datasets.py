@@ -14,6 +14,8 @@ The paired dataset forms every US × DM combination of a patient (the study's cr
 so a patient with 2 US and 3 DM images gives 6 samples, all carrying the patient's id so that
 predictions are averaged back to one score per patient. Patients lacking one modality cannot
 form a pair; they are left out, counted (``excluded``) and logged, never silently dropped.
+For training, ``pairs_per_patient`` caps each patient's samples per epoch and draws different
+pairs each epoch (``pairing.py``); the loader's ``set_epoch`` advances it (``loaders.py``).
 """
 
 from __future__ import annotations
@@ -27,17 +29,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from breastfusion.data.augment import (
-    Augmenter,
-    AugmentSpec,
-    OversampleMode,
-    build_augmenter,
-    oversampling,
-    seed_worker,
-)
+from breastfusion.data.augment import Augmenter, AugmentSpec, build_augmenter
 from breastfusion.data.cache import ImageCache, PreprocessSpec, WarmReport, default_spec
+from breastfusion.data.loaders import (  # re-exported: engine and final import them from here
+    default_num_workers,
+    make_loader,
+    set_loader_epoch,
+)
+from breastfusion.data.pairing import PairSchedule
 from breastfusion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,11 @@ class _CachedDataset(Dataset):
     def n_excluded(self) -> int:
         return len(self.excluded)
 
+    pairs_per_patient: int | None = None  # only PairedDataset samples per epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Per-epoch resampling hook (``PairedDataset`` with ``pairs_per_patient``); no-op."""
+
     def reseed(self, seed: int) -> None:
         """Reseed every augmenter (called in each DataLoader worker; see augment.py)."""
         for k, aug in enumerate(self._augmenters()):
@@ -224,9 +230,57 @@ class SingleModalDataset(_CachedDataset):
         }
 
 
-class PairedDataset(_CachedDataset):
-    """Every US × DM image combination of each patient that has both modalities.
+class _CrossPairs:
+    """Every US × DM combination of each patient with both modalities, grouped by patient
+    (a patient's pairs are contiguous, in manifest order)."""
 
+    def __init__(self, ids: list[str], sub: pd.DataFrame):
+        by_patient = {p: g for p, g in sub.groupby("patient_id", sort=False)}
+        self.dm_paths: dict[str, int] = {}
+        self.us_paths: dict[str, int] = {}
+        pairs: list[tuple[int, int]] = []
+        self.labels: list[int] = []  # one per patient
+        self.counts: list[int] = []
+        self.patients: list[str] = []
+        self.excluded: dict[str, str] = {}
+        for p in ids:
+            g = by_patient[p]
+            dm = g.loc[g["modality"] == "DM", "abs_path"].astype(str).tolist()
+            us = g.loc[g["modality"] == "US", "abs_path"].astype(str).tolist()
+            if not dm or not us:
+                self.excluded[p] = "no DM image" if not dm else "no US image"
+                continue
+            self.patients.append(p)
+            # The manifest guarantees one label per patient; max() is robust to any table.
+            self.labels.append(int(g["y"].max()))
+            self.counts.append(len(dm) * len(us))
+            for d, u in product(dm, us):
+                dm_i = self.dm_paths.setdefault(d, len(self.dm_paths))
+                pairs.append((dm_i, self.us_paths.setdefault(u, len(self.us_paths))))
+        self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+    def log_exclusions(self, n_requested: int) -> None:
+        if not self.excluded:
+            return
+        n_dm_only = sum(v == "no US image" for v in self.excluded.values())
+        log.warning(
+            "paired dataset: %d of %d patient(s) left out for lacking one modality "
+            "(%d DM only, %d US only)",
+            len(self.excluded),
+            n_requested,
+            n_dm_only,
+            len(self.excluded) - n_dm_only,
+        )
+
+
+class PairedDataset(_CachedDataset):
+    """US × DM image pairs of each patient that has both modalities.
+
+    ``pairs_per_patient=None`` (the study): every combination, every epoch. An integer N:
+    each patient fills ``min(N, its pairs)`` samples per epoch, with different pairs each
+    epoch (``set_epoch``; see ``pairing.py``), so epoch cost grows with patients, not pairs.
+    Training only: evaluation loaders refuse it. ``all_pairs`` holds every combination;
+    ``pairs`` the current epoch's (both index into ``dm_store``/``us_store``).
     ``excluded`` maps each left-out patient to the missing modality; the count is logged.
     ``augment`` is applied to each image independently (its own draws per modality).
     """
@@ -243,59 +297,50 @@ class PairedDataset(_CachedDataset):
         seed: int = 0,
         preload: bool = True,
         workers: int = 0,
+        pairs_per_patient: int | None = None,
     ):
         self.dm_spec = _as_spec(dm_spec, "DM")
         self.us_spec = _as_spec(us_spec, "US")
         ids, sub = _select_rows(df, patient_ids)
-        by_patient = {p: g for p, g in sub.groupby("patient_id", sort=False)}
-        dm_paths: dict[str, int] = {}
-        us_paths: dict[str, int] = {}
-        pairs: list[tuple[int, int]] = []
-        labels: list[int] = []
-        pids: list[str] = []
-        self.patients = []
-        self.excluded = {}
-        for p in ids:
-            g = by_patient[p]
-            dm = g.loc[g["modality"] == "DM", "abs_path"].astype(str).tolist()
-            us = g.loc[g["modality"] == "US", "abs_path"].astype(str).tolist()
-            if not dm or not us:
-                self.excluded[p] = "no DM image" if not dm else "no US image"
-                continue
-            # The manifest guarantees one label per patient; max() is robust to any table.
-            y = int(g["y"].max())
-            self.patients.append(p)
-            for d, u in product(dm, us):
-                pairs.append(
-                    (dm_paths.setdefault(d, len(dm_paths)), us_paths.setdefault(u, len(us_paths)))
-                )
-                labels.append(y)
-                pids.append(p)
-        n_dm_only = sum(v == "no US image" for v in self.excluded.values())
-        n_us_only = len(self.excluded) - n_dm_only
-        if self.excluded:
-            log.warning(
-                "paired dataset: %d of %d patient(s) left out for lacking one modality "
-                "(%d DM only, %d US only)",
-                len(self.excluded),
-                len(ids),
-                n_dm_only,
-                n_us_only,
-            )
-        log.info("paired dataset: %d patient(s) → %d US×DM pairs", len(self.patients), len(pairs))
+        cross = _CrossPairs(ids, sub)
+        cross.log_exclusions(len(ids))
+        self.patients, self.excluded = cross.patients, cross.excluded
+        self.all_pairs = cross.pairs
+        self.pairs_per_patient = pairs_per_patient
+        self.schedule = PairSchedule(cross.counts, cross.patients, pairs_per_patient, seed)
+        self.labels = np.asarray(cross.labels, dtype=np.int64)[self.schedule.slot_patient]
+        self.sample_patient_ids = [self.patients[i] for i in self.schedule.slot_patient]
+        per_epoch = "" if pairs_per_patient is None else f", {len(self.labels)} per epoch"
+        log.info(
+            "paired dataset: %d patient(s) → %d US×DM pairs%s",
+            len(self.patients),
+            len(self.all_pairs),
+            per_epoch,
+        )
         cache = _as_cache(cache)
         self.dm_store = _ImageStore(
-            list(dm_paths), self.dm_spec, cache, preload=preload, workers=workers
+            list(cross.dm_paths), self.dm_spec, cache, preload=preload, workers=workers
         )
         self.us_store = _ImageStore(
-            list(us_paths), self.us_spec, cache, preload=preload, workers=workers
+            list(cross.us_paths), self.us_spec, cache, preload=preload, workers=workers
         )
         self.cache_reports = {"DM": self.dm_store.report, "US": self.us_store.report}
-        self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.sample_patient_ids = pids
+        self.epoch = -1
+        self.set_epoch(0)
         self.dm_transform = _make_transform(augment, self.dm_spec.size, seed)
         self.us_transform = _make_transform(augment, self.us_spec.size, seed + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw ``epoch``'s pairs (a function of the seed and the epoch only); no-op without
+        ``pairs_per_patient`` or when the epoch is already set."""
+        epoch = int(epoch)
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        if self.pairs_per_patient is None:
+            self.pairs = self.all_pairs
+        else:
+            self.pairs = self.all_pairs[self.schedule.pairs_for_epoch(epoch)]
 
     def _augmenters(self) -> list[Transform]:
         return [t for t in (self.dm_transform, self.us_transform) if t is not None]
@@ -315,116 +360,13 @@ class PairedDataset(_CachedDataset):
         }
 
 
-def _labels(ds: Dataset) -> np.ndarray:
-    """Per-sample labels of a breastfusion dataset, seen through any Subset wrappers."""
-    if isinstance(ds, Subset):
-        return _labels(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
-    if not hasattr(ds, "labels"):
-        raise TypeError(
-            f"{type(ds).__name__} has no per-sample 'labels'; use a breastfusion dataset"
-        )
-    return np.asarray(ds.labels)
-
-
-def _base(ds: Dataset) -> Dataset:
-    while isinstance(ds, Subset):
-        ds = ds.dataset
-    return ds
-
-
-def default_num_workers() -> int:
-    """Loader workers: none on ≤ 2 cores (they would steal the model's cores), else half the
-    cores, at most 8.
-
-    Measured on 2 shared cores at 224 px: without augmentation a preloaded pair costs ~0.04 ms
-    in-process and workers only add IPC (≈10k pairs/s with 0 workers vs ≈1k with 2); with flips
-    + elastic (p=0.25) a pair costs ~0.3 ms. Workers pay off when the model step is fast (GPU)
-    and images are large (elastic ≈15 ms per 1024 px image).
-    """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS/Windows
-        n = os.cpu_count() or 1
-    return 0 if n <= 2 else min(8, n // 2)
-
-
-def make_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    train: bool,
-    oversample: OversampleMode = "none",
-    seed: int = 0,
-    num_workers: int | None = None,
-    pin_memory: bool | None = None,
-    persistent_workers: bool | None = None,
-    drop_last: bool | None = None,
-) -> DataLoader:
-    """A repeatable DataLoader for a breastfusion dataset.
-
-    ``train=True``: shuffled (or the balanced sampler), optional oversampling, and by default
-    the last incomplete batch is dropped (a batch of one breaks BatchNorm in training).
-    ``train=False``: fixed order, every sample once; oversampling or an augmented dataset is
-    refused, because evaluation must see each real image exactly once, unmodified.
-
-    Shuffling, the sampler, worker seeds and hence augmentations all derive from ``seed``
-    (re-seed ``loader.generator`` per epoch, as the engine does, to make each epoch a function
-    of its own seed). ``pin_memory`` defaults to whether CUDA is available.
-    ``persistent_workers`` defaults to False: torch draws the workers' base seed only when
-    workers start, so persistent workers would continue their augmentation streams across
-    epochs and a run resumed at epoch k would not replay epoch k exactly; re-forking workers
-    costs well under a second per epoch (the arrays are shared copy-on-write).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    base = _base(dataset)
-    if len(dataset) == 0:
-        excluded = getattr(base, "n_excluded", 0)
-        raise UserError(
-            f"no samples to load ({'training' if train else 'evaluation'} data): "
-            f"{excluded} patient(s) were left out for lacking a modality"
-        )
-    if not train:
-        if oversample != "none":
-            raise ValueError("oversampling is for training data only (got train=False)")
-        if getattr(base, "augmented", False):
-            raise ValueError(
-                "evaluation data must not be augmented: build the dataset without augment="
-            )
-    labels = _labels(dataset)
-    sampler, indices = oversampling(labels, oversample, seed) if train else (None, None)
-    if indices is not None:
-        dataset = Subset(dataset, indices)
-    if num_workers is None:
-        num_workers = default_num_workers()
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    if persistent_workers is None:
-        persistent_workers = False
-    if drop_last is None:
-        drop_last = train and len(dataset) > batch_size
-    if num_workers == 0 and hasattr(base, "reseed"):
-        # Main-process augmentation: restart its stream so the same seed gives the same run.
-        base.reseed(seed)
-    gen = torch.Generator().manual_seed(int(seed))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers and num_workers > 0,
-        drop_last=drop_last,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
-        generator=gen,
-    )
-
-
 def patient_dataset_summary(ds: _CachedDataset) -> dict[str, Any]:
     """Counts for logs/metadata: samples, patients, class balance, exclusions, cache use."""
+    all_pairs = getattr(ds, "all_pairs", None)
     return {
         "samples": len(ds),
+        "samples_total": len(all_pairs) if all_pairs is not None else len(ds),
+        "pairs_per_patient": ds.pairs_per_patient,
         "patients": len(ds.patients),
         "malignant_samples": int(np.sum(ds.labels)),
         "excluded_patients": ds.n_excluded,
@@ -438,4 +380,5 @@ __all__ = [
     "default_num_workers",
     "make_loader",
     "patient_dataset_summary",
+    "set_loader_epoch",
 ]
