@@ -1,4 +1,4 @@
-"""How much of the model's speed the full training loop keeps (goal: ratio >= 0.90).
+"""How much of the model's speed the full training loop keeps (goal: ratio >= 0.95).
 
 Measured in one run, on the same model, optimiser and batch size, with the engine's own
 ``train_step``:
@@ -46,9 +46,25 @@ def make_cohort(root: Path, n_patients: int, image_size: int) -> tuple[Path, Pat
     return manifest, splits
 
 
+def engine_entry_points():
+    """``build_fold_data`` and ``build_model_from_config``: from ``engine.fold`` (their new
+    home), else from ``engine.train_cli`` (before the move), so the benchmark runs on both."""
+    try:
+        from breastfusion.engine.fold import build_fold_data, build_model_from_config
+    except ImportError:
+        from breastfusion.engine.train_cli import build_fold_data, build_model_from_config
+    return build_fold_data, build_model_from_config
+
+
 def endless(loader):
-    """Batches from ``loader`` forever (a new epoch whenever one ends)."""
+    """Batches from ``loader`` forever (a new epoch whenever one ends, told to the dataset as
+    the engine does, so pair sampling draws new pairs)."""
+    from breastfusion.data.datasets import set_loader_epoch
+
+    epoch = 0
     while True:
+        epoch += 1
+        set_loader_epoch(loader, epoch)
         yield from loader
 
 
@@ -116,13 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--elastic", type=float, default=None, help="elastic probability override")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--workdir", type=Path, default=None, help="keep the cohort/cache here")
+    p.add_argument(
+        "--pairs-per-patient", type=int, default=None, help="data.pairs_per_patient (fusion)"
+    )
     args = p.parse_args(argv)
 
     import torch
 
     from breastfusion.config import Config
-    from breastfusion.engine.train_cli import build_fold_data, build_model_from_config
 
+    build_fold_data, build_model_from_config = engine_entry_points()
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bf-bench-")
@@ -143,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.elastic is not None:
         overrides["augment.elastic"] = args.elastic
+    if args.pairs_per_patient is not None:
+        overrides["data.pairs_per_patient"] = args.pairs_per_patient
     cfg = Config().with_overrides(overrides)
 
     t0 = time.perf_counter()
@@ -174,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"ratio loop/model: {loop_med / compute_med:.3f} (median steps)  "
-        f"{loop_tot / compute_tot:.3f} (totals)   goal >= 0.90"
+        f"{loop_tot / compute_tot:.3f} (totals)   goal >= 0.95"
     )
     if tmp is not None:
         tmp.cleanup()
