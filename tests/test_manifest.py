@@ -273,13 +273,59 @@ def test_path_escaping_folder_is_refused_unless_allowed(folder):
     assert list(df["abs_path"]) == [str(folder / "a.png"), str(folder / "b.png")]
 
 
-def test_absolute_paths_are_allowed(folder):
+def test_absolute_paths_inside_are_allowed_outside_refused_unless_allowed(folder):
     sub = folder / "sub"
     sub.mkdir()
+    (sub / "c.png").write_bytes((folder / "c.png").read_bytes())
     path = write(
-        sub, HEADER, f"p1,DM,{folder / 'a.png'},benign", f"p1,US,{folder / 'b.png'},benign"
+        sub,
+        HEADER,
+        f"p1,DM,{folder / 'a.png'},benign",
+        f"p1,US,{folder / 'b.png'},benign",
+        f"p2,DM,{sub / 'c.png'},benign",
     )
-    assert list(load_manifest(path)["abs_path"]) == [str(folder / "a.png"), str(folder / "b.png")]
+    details = problems(path)
+    assert len(details) == 2
+    first = only(details, "a.png")
+    assert first.startswith(f"row 2, column path, patient 'p1', file '{folder / 'a.png'}'")
+    assert "absolute path outside the manifest's folder" in first
+    assert "data.allow_outside" in first and "--allow-outside" not in first
+    df = load_manifest(path, allow_outside=True)
+    assert list(df["abs_path"]) == [str(folder / n) for n in ("a.png", "b.png", "sub/c.png")]
+
+
+def test_symlinks_leading_outside_are_refused_unless_allowed(folder):
+    sub = folder / "sub"
+    (sub / "inner").mkdir(parents=True)
+    (sub / "c.png").write_bytes((folder / "c.png").read_bytes())
+    (sub / "a_link.png").symlink_to(folder / "a.png")  # a file link leading out
+    (sub / "data").symlink_to(folder)  # a folder link leading out
+    (sub / "inner_link").symlink_to(sub / "inner")  # a link that stays inside: fine
+    (sub / "inner" / "d.png").write_bytes((folder / "d.png").read_bytes())
+    path = write(
+        sub,
+        HEADER,
+        "p1,DM,a_link.png,benign",
+        "p1,US,data/b.png,benign",
+        "p2,DM,c.png,malignant",
+        "p2,US,inner_link/d.png,malignant",
+    )
+    details = problems(path)
+    assert len(details) == 2
+    link = only(details, "a_link.png")
+    assert link.startswith("row 2, column path, patient 'p1', file 'a_link.png'")
+    assert f"symbolic link to {folder / 'a.png'}" in link and "data.allow_outside" in link
+    assert only(details, "data/b.png").startswith("row 3, column path")
+    df = load_manifest(path, allow_outside=True, check_images=True)
+    assert len(df) == 4
+
+
+def test_manifest_folder_reached_through_a_symlink_is_fine(folder, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("links") / "cohort"
+    elsewhere.symlink_to(folder)
+    write(folder, *VALID)
+    df = load_manifest(elsewhere / "manifest.csv")
+    assert df["abs_path"].iloc[0] == str(elsewhere / "a.png")
 
 
 # --- boxes ------------------------------------------------------------------------------------
@@ -385,3 +431,15 @@ def test_frame_types(folder):
     assert isinstance(df, pd.DataFrame)
     assert df["y"].dtype == np.int64 and df["row"].dtype == np.int64
     assert all(isinstance(v, str) for v in df["patient_id"])
+
+
+def test_logic_modules_do_not_import_click():
+    code = (
+        "import sys, breastfusion.data.manifest, breastfusion.data.splits, "
+        "breastfusion.data.near_duplicates; assert 'click' not in sys.modules"
+    )
+    src = str(Path(manifest_mod.__file__).parents[2])
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}
+    )
+    assert result.returncode == 0, result.stderr

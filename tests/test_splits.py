@@ -13,13 +13,13 @@ from PIL import Image
 
 from breastfusion.cli import main as cli_main
 from breastfusion.data import splits as sp
+from breastfusion.data.cli import split_command
 from breastfusion.data.manifest import load_manifest
 from breastfusion.data.splits import (
     Splits,
     check_splits,
     load_splits,
     make_splits,
-    split_command,
     write_splits,
 )
 from breastfusion.errors import SplitError
@@ -94,13 +94,13 @@ def test_holdout_zero_means_no_holdout():
 
 @pytest.mark.parametrize("folds", [1, 0, -3])
 def test_refuses_too_few_folds(folds):
-    with pytest.raises(SplitError, match="--folds must be an integer of at least 2"):
+    with pytest.raises(SplitError, match="splits.folds must be an integer of at least 2"):
         make_splits(cohort(), folds=folds)
 
 
 @pytest.mark.parametrize("holdout", [1.0, 1.5, -0.1, float("nan")])
 def test_refuses_holdout_out_of_range(holdout):
-    with pytest.raises(SplitError, match=r"--holdout must be a fraction in \[0, 1\)"):
+    with pytest.raises(SplitError, match=r"splits.holdout must be a fraction in \[0, 1\)"):
         make_splits(cohort(), holdout=holdout)
 
 
@@ -329,3 +329,96 @@ def test_split_command_refusal_is_a_clean_error(tmp_path, capsys):
     assert code == 2
     assert err.startswith("error: too few malignant patients for 20 folds: ")
     assert "Traceback" not in err and not out.exists()
+
+
+# ---- subsampling (data.max_patients) -------------------------------------------------------
+
+SUB_IDS = [f"P{i:02d}" for i in range(20)]
+SUB_LABELS = pd.Series([1 if i % 4 == 0 else 0 for i in range(20)], index=SUB_IDS)
+
+
+@pytest.mark.parametrize(
+    ("ids", "n", "seed", "expected"),
+    [
+        # Computed once from the engine's former ``_subset`` (same draws, same order).
+        (SUB_IDS, 6, 0, ["P01", "P02", "P05", "P06", "P12", "P16"]),
+        (SUB_IDS, 6, 1, ["P01", "P03", "P04", "P08", "P15", "P17"]),
+        (SUB_IDS, 5, 7, ["P10", "P11", "P16", "P17", "P19"]),
+        (SUB_IDS, 1, 3, ["P16"]),
+        (SUB_IDS, 19, 2, [p for p in SUB_IDS if p != "P15"]),
+        (SUB_IDS, 20, 0, SUB_IDS),
+        (SUB_IDS[::-1], 7, 4, ["P18", "P13", "P08", "P05", "P03", "P02", "P00"]),
+        ([p for p in SUB_IDS if SUB_LABELS[p] == 0], 4, 5, ["P01", "P11", "P14", "P17"]),
+        ([p for p in SUB_IDS if SUB_LABELS[p] == 1], 2, 0, ["P12", "P16"]),
+        (SUB_IDS[:3], 2, 0, ["P00", "P02"]),
+    ],
+)
+def test_subsample_patients_matches_fixed_draws(ids, n, seed, expected):
+    assert sp.subsample_patients(ids, SUB_LABELS, n, seed) == expected
+
+
+def test_subsample_patients_keeps_each_class_and_refuses_bad_input():
+    kept = sp.subsample_patients(SUB_IDS, SUB_LABELS, 3, seed=9)
+    assert len(kept) == 3 and set(SUB_LABELS[kept]) == {0, 1}
+    with pytest.raises(SplitError, match=r"data.max_patients must be a positive integer \(got 0\)"):
+        sp.subsample_patients(SUB_IDS, SUB_LABELS, 0, seed=0)
+    with pytest.raises(SplitError, match="no label for patient.*GHOST"):
+        sp.subsample_patients([*SUB_IDS, "GHOST"], SUB_LABELS, 3, seed=0)
+
+
+# ---- fold-count problems are reported as such ----------------------------------------------
+
+
+def test_fold_problem_names_both_classes_and_numbers_the_fixes():
+    df = cohort(n_benign=30, n_malignant=5)  # 1 malignant in a 0.2 holdout, 4 left for 5 folds
+    with pytest.raises(SplitError) as exc:
+        make_splits(df, folds=5, holdout=0.2)
+    msg = str(exc.value)
+    assert "development patients: benign 24, malignant 4 for splits.folds = 5" in msg
+    assert "at most 4 folds (splits.folds)" in msg
+    # 0.1 of 35 patients -> 4 in the holdout (3 benign, 1 malignant): still 4 malignant left;
+    # only a holdout without a malignant patient would do, which the holdout check refuses.
+    assert "no holdout (splits.holdout: 0)" in msg
+    assert "--" not in msg
+
+
+def test_fold_problem_advises_a_smaller_holdout_when_one_works():
+    df = cohort(n_benign=40, n_malignant=12)  # 0.5 holdout -> 6 malignant left for 8 folds
+    with pytest.raises(SplitError) as exc:
+        make_splits(df, folds=8, holdout=0.5)
+    msg = str(exc.value)
+    assert msg.startswith("too few malignant patients for 8 folds: 6 left after a 0.5 holdout")
+    assert "at most 6 folds (splits.folds)" in msg
+    # 0.37 of 52 -> 19 held out, 4 malignant, 8 left; 0.38 -> 20 with 5 malignant, 7 left.
+    assert "a smaller holdout such as splits.holdout: 0.37" in msg
+    make_splits(df, folds=8, holdout=0.37)  # the advice works
+
+
+def test_fold_problem_is_reported_before_the_holdout_problem():
+    # 3 malignant, 4 folds: no holdout fraction can help; the old message blamed the holdout
+    # ("use a larger fraction"), which only makes the folds worse.
+    df = cohort(n_benign=60, n_malignant=3)
+    with pytest.raises(SplitError) as exc:
+        make_splits(df, folds=4, holdout=0.05)
+    msg = str(exc.value)
+    assert msg.startswith("too few malignant patients for 4 folds: 3 left after a 0.05 holdout")
+    assert "at most 3 folds (splits.folds)" in msg and "larger fraction" not in msg
+    assert "splits.holdout" not in msg  # no holdout fraction fixes it
+
+
+def test_holdout_problem_names_a_fraction_that_works():
+    with pytest.raises(SplitError) as exc:
+        make_splits(cohort(40, 6), folds=2, holdout=0.05)  # 3 holdout patients, 0 malignant
+    assert "would hold no malignant patient" in str(exc.value)
+    # 0.07 of 46 -> 3 held out (0 malignant); 0.08 -> 4, one of them malignant.
+    assert "use a larger fraction (splits.holdout: 0.08)" in str(exc.value)
+    make_splits(cohort(40, 6), folds=2, holdout=0.08)
+
+
+def test_split_command_names_flags_not_study_keys(tmp_path, capsys):
+    manifest = _write_manifest(tmp_path, n_benign=30, n_malignant=5)
+    out = tmp_path / "splits.json"
+    code = cli_main(["split", str(manifest), "--folds", "5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "at most 4 folds (--folds)" in err and "splits." not in err

@@ -31,11 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Generate the synthetic paired DM + US cohort.",
     ),
     "validate": (
-        "breastfusion.data.manifest:validate_command",
+        "breastfusion.data.cli:validate_command",
         "Check a manifest and summarise the cohort.",
     ),
     "split": (
-        "breastfusion.data.splits:split_command",
+        "breastfusion.data.cli:split_command",
         "Make the holdout and patient-level K folds.",
     ),
     "train": (

@@ -5,7 +5,9 @@ A manifest is a CSV with one row per image::
     patient_id, modality (DM|US), path, label (benign|malignant)
     [, view, laterality, box_x0, box_y0, box_x1, box_y1] [, any extra columns]
 
-``path`` is relative to the manifest's folder or absolute; a box is in pixels of that image
+``path`` is relative to the manifest's folder or absolute. Paths must stay inside that folder
+(no ``..`` out of it, no absolute path or symbolic link leading elsewhere) unless
+``allow_outside`` (the study's ``data.allow_outside``) is set. A box is in pixels of that image
 (US boxes train the ROI detector) with slice semantics: ``box_x0``/``box_y0`` inclusive,
 ``box_x1``/``box_y1`` exclusive, so ``(0, 0, width, height)`` is the whole image and
 ``image[y0:y1, x0:x1]`` is the lesion. The synthetic generator, the importers, ``roi.crop``
@@ -28,47 +30,31 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import numpy as np
 import pandas as pd
 
+from breastfusion.data.manifest_rows import (  # noqa: F401 (the schema is re-exported)
+    BOX_COLUMNS,
+    DERIVED_COLUMNS,
+    KNOWN_COLUMNS,
+    LABEL_TO_Y,
+    LABELS,
+    MODALITIES,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    Problem,
+    box_geometry_problems,
+    box_values,
+    duplicate_problems,
+    label_conflicts,
+    normalise,
+    resolve_paths,
+    value_problems,
+)
 from breastfusion.errors import ImageError, ManifestError
-
-REQUIRED_COLUMNS = ("patient_id", "modality", "path", "label")
-BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
-OPTIONAL_COLUMNS = ("view", "laterality", *BOX_COLUMNS)
-KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-# Added by load_manifest; recomputed if a saved frame is read back as a manifest.
-DERIVED_COLUMNS = ("row", "abs_path", "y")
-MODALITIES = ("DM", "US")
-LABELS = ("benign", "malignant")
-LABEL_TO_Y = {"benign": 0, "malignant": 1}
 
 _MAX_IDS_IN_WARNING = 20
 _IO_THREADS = 4  # file checks wait on disk more than on CPU
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One manifest problem; ``str()`` gives the user-facing line."""
-
-    message: str
-    row: int | None = None
-    column: str | None = None
-    patient: str | None = None
-    file: str | None = None
-
-    def __str__(self) -> str:
-        where = []
-        if self.row is not None:
-            where.append(f"row {self.row}")
-        if self.column:
-            where.append(f"column {self.column}")
-        if self.patient is not None:
-            where.append(f"patient {self.patient!r}")
-        if self.file:
-            where.append(f"file {self.file!r}")
-        return f"{', '.join(where)}: {self.message}" if where else self.message
 
 
 @dataclass
@@ -175,189 +161,6 @@ def _frame(header: list[str], lines: list[int], records: list[list[str]]) -> tup
     df = df.drop(columns=[c for c in DERIVED_COLUMNS if c in header])
     df.insert(0, "row", np.asarray(lines, dtype=np.int64))
     return df, problems
-
-
-# --------------------------------------------------------------------------------------------
-# Row checks (vectorised over the frame)
-
-
-def _problems_where(
-    df: pd.DataFrame, mask: pd.Series, column: str | None, message, file: bool = False
-) -> list[Problem]:
-    """One Problem per row where ``mask``; ``message`` is a str or a function of the row."""
-    out = []
-    # Only the known columns: extra column names need not be valid identifiers.
-    for rec in df.loc[mask, ["row", *KNOWN_COLUMNS]].itertuples(index=False):
-        r = rec._asdict()
-        text = message(r) if callable(message) else message
-        out.append(
-            Problem(
-                text,
-                row=int(r["row"]),
-                column=column,
-                patient=r["patient_id"] or None,
-                file=(r["path"] or None) if file else None,
-            )
-        )
-    return out
-
-
-def _normalise(df: pd.DataFrame) -> None:
-    for col in df.columns:
-        if col in KNOWN_COLUMNS:
-            df[col] = df[col].astype(str).str.strip()
-    df["modality"] = df["modality"].str.upper()
-    df["label"] = df["label"].str.lower()
-
-
-def _value_problems(df: pd.DataFrame) -> list[Problem]:
-    problems = _problems_where(df, df["patient_id"] == "", "patient_id", "empty patient id")
-    problems += _problems_where(
-        df,
-        ~df["modality"].isin(MODALITIES),
-        "modality",
-        lambda r: (
-            "empty modality (expected DM or US)"
-            if not r["modality"]
-            else f"unknown modality {r['modality']!r} (expected DM or US)"
-        ),
-    )
-    problems += _problems_where(
-        df,
-        ~df["label"].isin(LABELS),
-        "label",
-        lambda r: (
-            "empty label (expected benign or malignant)"
-            if not r["label"]
-            else f"unknown label {r['label']!r} (expected benign or malignant)"
-        ),
-    )
-    problems += _problems_where(df, df["path"] == "", "path", "empty path")
-    return problems
-
-
-def _resolve_paths(df: pd.DataFrame, base: Path, allow_outside: bool) -> list[Problem]:
-    """Fill ``abs_path`` and refuse relative paths that climb out of the manifest folder."""
-    abs_paths, outside = [], []
-    for p in df["path"]:
-        if not p:
-            abs_paths.append("")
-            outside.append(False)
-            continue
-        if os.path.isabs(p):
-            abs_paths.append(os.path.normpath(p))
-            outside.append(False)
-            continue
-        rel = os.path.normpath(p)
-        abs_paths.append(os.path.normpath(os.path.join(base, rel)))
-        outside.append(rel == os.pardir or rel.startswith(os.pardir + os.sep))
-    df["abs_path"] = abs_paths
-    if allow_outside:
-        return []
-    return _problems_where(
-        df,
-        pd.Series(outside, index=df.index),
-        "path",
-        "relative path leaves the manifest's folder via '..' (use --allow-outside "
-        "or allow_outside=True to permit it)",
-        file=True,
-    )
-
-
-def _duplicate_problems(df: pd.DataFrame) -> list[Problem]:
-    valid = df[df["abs_path"] != ""]
-    dup = valid[valid.duplicated("abs_path", keep=False)]
-    if dup.empty:
-        return []
-    keys = [c for c in KNOWN_COLUMNS if c in df.columns and c != "path"] + ["abs_path"]
-    problems = []
-    for _, group in dup.groupby("abs_path", sort=False):
-        first = group.iloc[0]
-        for _, r in group.iloc[1:].iterrows():
-            same = all(r[k] == first[k] for k in keys)
-            what = "duplicate of row" if same else "same file as row"
-            problems.append(
-                Problem(
-                    f"{what} {int(first['row'])} (each image must be listed once)",
-                    row=int(r["row"]),
-                    column="path",
-                    patient=r["patient_id"] or None,
-                    file=r["path"],
-                )
-            )
-    return problems
-
-
-def _label_conflicts(df: pd.DataFrame) -> list[Problem]:
-    ok = df[(df["patient_id"] != "") & df["label"].isin(LABELS)]
-    counts = ok.groupby("patient_id", sort=False)["label"].nunique()
-    problems = []
-    for pid in counts.index[counts > 1]:
-        rows = ok[ok["patient_id"] == pid]
-        parts = [
-            f"{label} ({_rows_text(g['row'])})" for label, g in rows.groupby("label", sort=True)
-        ]
-        problems.append(
-            Problem(
-                f"conflicting labels: {'; '.join(parts)}",
-                row=int(rows["row"].iloc[0]),
-                column="label",
-                patient=pid,
-            )
-        )
-    return problems
-
-
-def _rows_text(rows: Iterable[int]) -> str:
-    rows = [str(r) for r in rows]
-    return ("row " if len(rows) == 1 else "rows ") + ", ".join(rows)
-
-
-def _box_values(df: pd.DataFrame) -> tuple[pd.DataFrame, list[Problem]]:
-    """Parse box columns to floats; report partially filled and non-numeric boxes."""
-    problems: list[Problem] = []
-    filled = pd.DataFrame({c: df[c] != "" for c in BOX_COLUMNS})
-    n_filled = filled.sum(axis=1)
-    partial = (n_filled > 0) & (n_filled < len(BOX_COLUMNS))
-    problems += _problems_where(
-        df,
-        partial,
-        "box",
-        lambda r: (
-            "box partially filled: "
-            + ", ".join(c for c in BOX_COLUMNS if not r[c])
-            + " empty (fill all four or none)"
-        ),
-    )
-    values = pd.DataFrame(index=df.index)
-    for c in BOX_COLUMNS:
-        num = pd.to_numeric(df[c].where(df[c] != ""), errors="coerce").astype(float)
-        bad = filled[c] & ~np.isfinite(num)
-        problems += _problems_where(df, bad, c, lambda r, c=c: f"{r[c]!r} is not a number")
-        values[c] = num.where(~bad)
-    return values, problems
-
-
-def _box_geometry_problems(df: pd.DataFrame, boxes: pd.DataFrame) -> list[Problem]:
-    complete = boxes.notna().all(axis=1)
-    x0, y0, x1, y1 = (boxes[c] for c in BOX_COLUMNS)
-    inverted = complete & ((x1 < x0) | (y1 < y0))
-    empty = complete & ~inverted & ((x1 == x0) | (y1 == y0))
-    problems = _problems_where(
-        df,
-        inverted,
-        "box",
-        lambda r: f"inverted box ({_box_text(r)}): need box_x0 < box_x1 and box_y0 < box_y1",
-        file=True,
-    )
-    problems += _problems_where(
-        df, empty, "box", lambda r: f"empty box with zero area ({_box_text(r)})", file=True
-    )
-    return problems
-
-
-def _box_text(r: dict) -> str:
-    return ", ".join(f"{c}={r[c]}" for c in BOX_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,14 +313,14 @@ def validate_manifest(
     reused = [c for c in DERIVED_COLUMNS if c in header]
     if reused:
         report.warnings.append(f"column(s) {', '.join(reused)} are derived and were recomputed")
-    _normalise(df)
-    report.problems += _value_problems(df)
-    report.problems += _resolve_paths(df, path.parent.absolute(), allow_outside)
-    report.problems += _duplicate_problems(df)
-    report.problems += _label_conflicts(df)
-    boxes, box_problems = _box_values(df)
+    normalise(df)
+    report.problems += value_problems(df)
+    report.problems += resolve_paths(df, path.parent.absolute(), allow_outside)
+    report.problems += duplicate_problems(df)
+    report.problems += label_conflicts(df)
+    boxes, box_problems = box_values(df)
     report.problems += box_problems
-    report.problems += _box_geometry_problems(df, boxes)
+    report.problems += box_geometry_problems(df, boxes)
 
     # Rows whose path is unusable or escapes the folder are not opened (nothing to learn).
     flagged = {p.row for p in report.problems if p.column == "path"}
@@ -558,26 +361,3 @@ def load_manifest(
     report.raise_for_problems()
     assert report.frame is not None
     return report.frame
-
-
-@click.command("validate")
-@click.argument("manifest", type=click.Path(path_type=Path))
-@click.option(
-    "--check-images",
-    is_flag=True,
-    help="Decode every image fully (slow): catches corrupt, zero-size and constant images.",
-)
-@click.option(
-    "--allow-outside",
-    is_flag=True,
-    help="Allow relative paths that leave the manifest's folder via '..'.",
-)
-def validate_command(manifest: Path, check_images: bool, allow_outside: bool) -> None:
-    """Check MANIFEST (CSV) and print a summary; exit 2 listing every problem if invalid."""
-    report = validate_manifest(manifest, check_images=check_images, allow_outside=allow_outside)
-    report.raise_for_problems()
-    assert report.summary is not None
-    click.echo(f"{manifest}: valid")
-    click.echo(format_summary(report.summary))
-    for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)

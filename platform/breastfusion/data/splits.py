@@ -13,26 +13,26 @@ of a fold than a patient with one.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import pandas as pd
 
+from breastfusion.data.splits_file import (  # noqa: F401 (re-exported: one splits API)
+    Fold,
+    Splits,
+    check_splits,
+    load_splits,
+    name_list,
+)
 from breastfusion.errors import SplitError
-from breastfusion.io import atomic_write_json, sha256_file
-
-log = logging.getLogger(__name__)
+from breastfusion.io import atomic_write_json
 
 FORMAT_VERSION = 1
-_MAX_LISTED = 20  # patients named in one message before "... and N more"
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,17 +59,37 @@ def patient_labels(df: pd.DataFrame) -> pd.Series:
     n_labels = per_patient.groupby("patient_id")["y"].nunique()
     conflicting = sorted(n_labels.index[n_labels > 1])
     if conflicting:
-        raise SplitError("cannot make splits: patient(s) with both labels: " + _names(conflicting))
+        raise SplitError(
+            "cannot make splits: patient(s) with both labels: " + name_list(conflicting)
+        )
     labels = per_patient.groupby("patient_id")["y"].first()
     return labels.sort_index()
 
 
-def _names(ids: Sequence[str]) -> str:
-    ids = list(ids)
-    shown = ", ".join(ids[:_MAX_LISTED])
-    if len(ids) > _MAX_LISTED:
-        shown += f", ... and {len(ids) - _MAX_LISTED} more"
-    return shown
+def subsample_patients(ids: Sequence[str], labels: pd.Series, n: int, seed: int) -> list[str]:
+    """At most ``n`` of ``ids``, drawn per class in proportion, in their original order.
+
+    ``labels`` maps patient id -> 0/1 (a Series indexed by id). Each class present in
+    ``ids`` keeps at least one patient; the draw is seeded (``numpy.random.default_rng``),
+    so the same inputs give the same subset on every machine. Used to cap the patients of a
+    quick run (``data.max_patients``).
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise SplitError(f"data.max_patients must be a positive integer (got {n!r})")
+    if len(ids) <= n:
+        return list(ids)
+    missing = [pid for pid in ids if pid not in labels.index]
+    if missing:
+        raise SplitError(f"no label for patient(s) {name_list([str(m) for m in missing])}")
+    rng = np.random.default_rng(seed)
+    y = labels.loc[list(ids)].to_numpy()
+    ids_arr = np.asarray(ids)
+    pos, neg = ids_arr[y == 1], ids_arr[y == 0]
+    # Rounded share of the malignant class, at least one if any: a tiny run still sees both.
+    n_pos = min(len(pos), max(1 if len(pos) else 0, round(n * len(pos) / len(ids))))
+    n_neg = min(len(neg), n - n_pos)
+    keep = set(rng.choice(pos, n_pos, replace=False)) | set(rng.choice(neg, n_neg, replace=False))
+    return [p for p in ids if p in keep]
 
 
 def _class_name(y: int) -> str:
@@ -102,44 +122,28 @@ def make_splits(
     ``df`` needs ``patient_id`` and ``y`` (one label per patient; several rows per patient are
     fine). ``holdout=0`` means no holdout cohort (all patients are development patients).
     Returns the JSON-ready dict that ``write_splits`` persists; the same inputs give the same
-    dict (and bytes) on every machine.
+    dict (and bytes) on every machine. Errors name the study keys ``splits.folds``,
+    ``splits.holdout`` and ``splits.seed``.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    if isinstance(folds, bool) or not isinstance(folds, int | np.integer) or folds < 2:
-        raise SplitError(f"--folds must be an integer of at least 2 (got {folds!r})")
-    folds = int(folds)
-    try:
-        holdout = float(holdout)
-    except (TypeError, ValueError):
-        raise SplitError(f"--holdout must be a fraction in [0, 1) (got {holdout!r})") from None
-    if not (0.0 <= holdout < 1.0) or math.isnan(holdout):
-        raise SplitError(f"--holdout must be a fraction in [0, 1) (got {holdout!r})")
-    seed = int(seed)
-
+    folds, holdout, seed = _check_settings(folds, holdout, seed)
     labels = patient_labels(df)
     ids = np.asarray(labels.index, dtype=object)
     y = labels.to_numpy()
     n_per_class = {c: int((y == c).sum()) for c in (0, 1)}
+    counts = _holdout_counts(n_per_class, holdout) if holdout > 0 else {0: 0, 1: 0}
+    # Folds first: when both fail, a larger holdout (the holdout's advice) would make the
+    # fold problem worse.
+    _check_fold_counts(n_per_class, counts, folds, holdout)
+    _check_holdout_counts(n_per_class, counts, folds, holdout)
 
     # Holdout: a seeded permutation within each class (patients sorted by id first, so the
     # input row order never matters).
     rng = np.random.default_rng(seed)
     holdout_ids: list[str] = []
     if holdout > 0:
-        counts = _holdout_counts(n_per_class, holdout)
-        if sum(counts.values()) == 0:
-            raise SplitError(
-                f"--holdout {holdout} of {len(ids)} patients would leave the holdout empty; "
-                "use a larger fraction or --holdout 0 for no holdout"
-            )
         for c in (0, 1):
-            if counts[c] == 0:
-                raise SplitError(
-                    f"--holdout {holdout} would hold no {_class_name(c)} patient "
-                    f"({n_per_class[c]} {_class_name(c)} of {len(ids)} patients in the "
-                    "manifest); use a larger fraction or more patients"
-                )
             members = ids[y == c]
             chosen = rng.permutation(len(members))[: counts[c]]
             holdout_ids.extend(str(members[i]) for i in chosen)
@@ -147,15 +151,6 @@ def make_splits(
 
     dev_mask = np.array([pid not in holdout_set for pid in ids])
     dev_ids, dev_y = ids[dev_mask], y[dev_mask]
-    for c in (0, 1):
-        n_c = int((dev_y == c).sum())
-        if n_c < folds:
-            where = "in the manifest" if holdout == 0 else f"left after a {holdout} holdout"
-            raise SplitError(
-                f"too few {_class_name(c)} patients for {folds} folds: {n_c} {where} "
-                f"({n_per_class[c]} in total), at least {folds} needed "
-                "(one per fold); use fewer folds, a smaller holdout or more patients"
-            )
 
     # One row per patient, grouped by patient: grouping is trivially satisfied, but keeps the
     # contract explicit should anyone pass image rows here later.
@@ -168,7 +163,8 @@ def make_splits(
         if n_mal == 0 or n_ben == 0:
             missing = "malignant" if n_mal == 0 else "benign"
             raise SplitError(
-                f"fold {k} would hold no {missing} patient; use fewer folds or more patients"
+                f"fold {k} would hold no {missing} patient; use fewer folds (splits.folds) "
+                "or more patients"
             )
         fold_list.append(
             {"val": val, "n_val": len(val), "n_val_malignant": n_mal, "n_val_benign": n_ben}
@@ -194,185 +190,99 @@ def make_splits(
     }
 
 
-def write_splits(splits: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a splits dict atomically as byte-stable JSON."""
-    return atomic_write_json(path, splits)
+def _check_settings(folds: Any, holdout: Any, seed: Any) -> tuple[int, float, int]:
+    if isinstance(folds, bool) or not isinstance(folds, int | np.integer) or folds < 2:
+        raise SplitError(f"splits.folds must be an integer of at least 2 (got {folds!r})")
+    try:
+        fraction = float(holdout)
+    except (TypeError, ValueError):
+        raise SplitError(f"splits.holdout must be a fraction in [0, 1) (got {holdout!r})") from None
+    if not (0.0 <= fraction < 1.0) or math.isnan(fraction):
+        raise SplitError(f"splits.holdout must be a fraction in [0, 1) (got {holdout!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise SplitError(f"splits.seed must be an integer (got {seed!r})")
+    return int(folds), fraction, int(seed)
 
 
-# --------------------------------------------------------------------------------------------
-# Reading and checking splits
-# --------------------------------------------------------------------------------------------
+_GRID = tuple(x / 100 for x in range(1, 100))  # holdout fractions tried for advice
 
 
-@dataclass(frozen=True)
-class Fold:
-    """The validation patients of one fold; its training patients are the other folds'."""
-
-    index: int
-    val: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Splits:
-    """Splits as read from disk. All id tuples are sorted str patient ids."""
-
-    holdout: tuple[str, ...]
-    folds: tuple[Fold, ...]
-    development: tuple[str, ...]
-    k: int
-    seed: int
-    manifest_sha256: str = ""
-    holdout_fraction: float = 0.0
-    source: str = ""  # the file the splits came from, for messages
-
-    def train_val(self, k: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(train ids, validation ids) of fold ``k``; both sorted, disjoint, no holdout ids."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k < self.k:
-            raise SplitError(
-                f"fold {k!r} does not exist{self._where()}: valid folds are 0..{self.k - 1}"
-            )
-        val = self.folds[int(k)].val
-        val_set = set(val)
-        train = tuple(pid for pid in self.development if pid not in val_set)
-        return train, val
-
-    def _where(self) -> str:
-        return f" in {self.source}" if self.source else ""
+def _feasible(n_per_class: dict[int, int], fraction: float, folds: int) -> bool:
+    """Whether ``fraction`` gives a holdout with both classes and ``folds`` folds with both."""
+    if fraction == 0:
+        return all(n >= folds for n in n_per_class.values())
+    counts = _holdout_counts(n_per_class, fraction)
+    return all(counts[c] >= 1 and n_per_class[c] - counts[c] >= folds for c in (0, 1))
 
 
-def _splits_from_dict(data: Any, source: str) -> Splits:
-    """Structure checks on a parsed splits file; content checks are ``check_splits``'s job."""
-
-    def bad(why: str) -> SplitError:
-        return SplitError(f"{source}: not a valid splits file: {why}")
-
-    if not isinstance(data, dict):
-        raise bad("the top level is not a JSON object")
-    for key in ("holdout", "folds", "seed"):
-        if key not in data:
-            raise bad(f"missing key '{key}'")
-    holdout = data["holdout"]
-    if not isinstance(holdout, list) or not all(isinstance(p, str) for p in holdout):
-        raise bad("'holdout' must be a list of patient ids (strings)")
-    raw_folds = data["folds"]
-    if not isinstance(raw_folds, list) or len(raw_folds) < 2:
-        raise bad("'folds' must be a list of at least 2 folds")
-    folds = []
-    for i, f in enumerate(raw_folds):
-        if not isinstance(f, dict) or "val" not in f:
-            raise bad(f"fold {i} has no 'val' list")
-        val = f["val"]
-        if not isinstance(val, list) or not all(isinstance(p, str) for p in val):
-            raise bad(f"fold {i}: 'val' must be a list of patient ids (strings)")
-        folds.append(Fold(index=i, val=tuple(sorted(val))))
-    k = data.get("folds_k", len(folds))
-    if k != len(folds):
-        raise bad(f"'folds_k' is {k!r} but the file lists {len(folds)} folds")
-    seed = data["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise bad("'seed' must be an integer")
-    sha = data.get("manifest_sha256", "")
-    if not isinstance(sha, str):
-        raise bad("'manifest_sha256' must be a string")
-    development = tuple(sorted({pid for f in folds for pid in f.val}))
-    return Splits(
-        holdout=tuple(sorted(holdout)),
-        folds=tuple(folds),
-        development=development,
-        k=len(folds),
-        seed=seed,
-        manifest_sha256=sha,
-        holdout_fraction=float(data.get("holdout_fraction", 0.0) or 0.0),
-        source=source,
+def _check_fold_counts(
+    n_per_class: dict[int, int], counts: dict[int, int], folds: int, holdout: float
+) -> None:
+    """Each fold needs one patient of each class: K development patients per class."""
+    dev = {c: n_per_class[c] - counts[c] for c in (0, 1)}
+    short = [c for c in (0, 1) if dev[c] < folds]
+    if not short:
+        return
+    c = short[0]
+    where = "in the manifest" if holdout == 0 else f"left after a {holdout} holdout"
+    fixes = []
+    if min(dev.values()) >= 2:
+        fixes.append(f"at most {min(dev.values())} folds (splits.folds)")
+    if holdout > 0:
+        smaller = [f for f in _GRID if f < holdout and _feasible(n_per_class, f, folds)]
+        if smaller:
+            fixes.append(f"a smaller holdout such as splits.holdout: {smaller[-1]}")
+        elif _feasible(n_per_class, 0.0, folds):
+            fixes.append("no holdout (splits.holdout: 0)")
+    fixes.append("more patients")
+    raise SplitError(
+        f"too few {_class_name(c)} patients for {folds} folds: {dev[c]} {where} "
+        f"({n_per_class[c]} in total), at least {folds} needed (one per fold); development "
+        f"patients: benign {dev[0]}, malignant {dev[1]} for splits.folds = {folds}; "
+        + _either(fixes)
     )
 
 
-def _places(splits: Splits) -> dict[str, list[str]]:
-    """patient id -> every place it appears ("holdout", "fold 2", ...), duplicates kept."""
-    where: dict[str, list[str]] = {}
-    for pid in splits.holdout:
-        where.setdefault(pid, []).append("holdout")
-    for fold in splits.folds:
-        for pid in fold.val:
-            where.setdefault(pid, []).append(f"fold {fold.index}")
-    return where
-
-
-def check_splits(splits: Splits, df: pd.DataFrame) -> None:
-    """Refuse splits that leak or do not cover the manifest exactly.
-
-    Finds: a patient in two places (holdout and a fold, two folds, or twice in one list);
-    a manifest patient in no place; a splits patient absent from the manifest. Raises one
-    ``SplitError`` listing every problem with the patients named.
-    """
-    if "patient_id" not in df.columns:
-        raise SplitError("cannot check splits: the manifest table has no 'patient_id' column")
-    src = f"{splits.source}: " if splits.source else ""
-    where = _places(splits)
-    problems: list[str] = []
-
-    leaked = sorted(pid for pid, places in where.items() if len(places) > 1)
-    if leaked:
-        shown = [f"{pid} ({' and '.join(where[pid])})" for pid in leaked]
-        problems.append(f"{len(leaked)} patient(s) in more than one place: " + _names(shown))
-
-    manifest_ids = set(df["patient_id"].astype(str))
-    missing = sorted(manifest_ids - where.keys())
-    if missing:
-        problems.append(
-            f"{len(missing)} manifest patient(s) in neither the holdout nor any fold: "
-            + _names(missing)
-        )
-    unknown = sorted(where.keys() - manifest_ids)
-    if unknown:
-        problems.append(
-            f"{len(unknown)} patient(s) in the splits but not in the manifest: " + _names(unknown)
-        )
-    if problems:
+def _check_holdout_counts(
+    n_per_class: dict[int, int], counts: dict[int, int], folds: int, holdout: float
+) -> None:
+    if holdout == 0:
+        return
+    n = sum(n_per_class.values())
+    larger = [f for f in _GRID if f > holdout and _feasible(n_per_class, f, folds)]
+    fix = f"splits.holdout: {larger[0]}" if larger else "more patients"
+    if sum(counts.values()) == 0:
         raise SplitError(
-            f"{src}splits do not match the manifest (patient leakage or a different cohort)",
-            details=problems,
+            f"splits.holdout {holdout} of {n} patients would leave the holdout empty; use a "
+            f"larger fraction ({fix}) or splits.holdout: 0 for no holdout"
         )
+    for c in (0, 1):
+        if counts[c] == 0:
+            what = f"{n_per_class[c]} {_class_name(c)} of {n} patients in the manifest"
+            if larger:
+                advice = f"use a larger fraction ({fix}) or more patients"
+            else:
+                advice = (
+                    f"no fraction leaves one {_class_name(c)} patient in the holdout and "
+                    f"{folds} in the development folds (splits.folds); use splits.holdout: 0 "
+                    "(no holdout), fewer folds or more patients"
+                )
+            raise SplitError(
+                f"splits.holdout {holdout} would hold no {_class_name(c)} patient ({what}); "
+                + advice
+            )
 
 
-def load_splits(
-    path: str | os.PathLike, df: pd.DataFrame, *, manifest_sha256: str | None = None
-) -> Splits:
-    """Read a splits file and check it against the manifest table ``df`` (always).
-
-    ``manifest_sha256``, when given, is compared with the hash recorded in the file; a mismatch
-    is only a warning, because derived manifests (e.g. ROI crops) keep the same patients under
-    a different file — the leakage check is what guards correctness.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SplitError(
-            f"{path}: splits file not found (make one with `breastfusion split`)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SplitError(f"{path}: cannot read splits file: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SplitError(f"{path}: not valid JSON ({exc})") from None
-    splits = _splits_from_dict(data, str(path))
-    if manifest_sha256 and splits.manifest_sha256 and manifest_sha256 != splits.manifest_sha256:
-        log.warning(
-            "%s was made from a manifest with sha256 %s…, not this one (%s…); "
-            "patients are checked for leakage, so a derived manifest is fine",
-            path,
-            splits.manifest_sha256[:12],
-            manifest_sha256[:12],
-        )
-    check_splits(splits, df)
-    return splits
+def _either(options: list[str]) -> str:
+    """ "use a, b, or c"."""
+    if len(options) == 1:
+        return f"use {options[0]}"
+    return f"use {', '.join(options[:-1])}, or {options[-1]}"
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+def write_splits(splits: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a splits dict atomically as byte-stable JSON."""
+    return atomic_write_json(path, splits)
 
 
 def summary_rows(splits: dict[str, Any]) -> list[tuple[str, int, int, int]]:
@@ -397,33 +307,3 @@ def format_summary(rows: Iterable[tuple[str, int, int, int]]) -> str:
     lines = [f"{'set':<10}{'patients':>10}{'malignant':>11}{'benign':>8}"]
     lines += [f"{name:<10}{n:>10}{m:>11}{b:>8}" for name, n, m, b in rows]
     return "\n".join(lines)
-
-
-@click.command("split")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--folds", default=5, show_default=True, type=int, help="Number of CV folds (K).")
-@click.option(
-    "--holdout",
-    default=0.2,
-    show_default=True,
-    type=float,
-    help="Fraction of patients held out as the test cohort (0 for none).",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the splits JSON.",
-)
-def split_command(manifest: Path, folds: int, holdout: float, seed: int, out: Path) -> None:
-    """Split MANIFEST's patients into a holdout cohort and K stratified folds."""
-    from breastfusion.data.manifest import load_manifest
-
-    df = load_manifest(manifest)
-    splits = make_splits(
-        df, folds=folds, holdout=holdout, seed=seed, manifest_sha256=sha256_file(manifest)
-    )
-    write_splits(splits, out)
-    click.echo(format_summary(summary_rows(splits)))
-    click.echo(f"wrote {out}")
