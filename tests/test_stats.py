@@ -159,3 +159,127 @@ def test_input_checks():
         S.delong_covariance(np.array([0, 2]), np.arange(2.0))
     with pytest.raises(ValueError, match="finite"):
         S.delong_covariance(np.array([0, 1]), np.array([0.1, np.nan]))
+
+
+# --------------------------------------------------------------------------------------------
+# Fold-stratified AUC and the stratified DeLong variance / paired test
+# --------------------------------------------------------------------------------------------
+
+
+def _folds(rng, sizes=((6, 9), (4, 11), (7, 5)), d=1.0):
+    """Labels, two correlated models' scores and fold ids for folds of (m, n) patients."""
+    ys, a, b, f = [], [], [], []
+    for k, (m, n) in enumerate(sizes):
+        y, sa, sb = binormal(m, n, d, rng, rho=0.5)
+        ys.append(y)
+        a.append(sa)
+        b.append(sb)
+        f.append(np.full(m + n, k))
+    return np.concatenate(ys), np.concatenate(a), np.concatenate(b), np.concatenate(f)
+
+
+def _brute_force(y, s, folds):
+    """Concordance over every within-fold pair, and Σ w² (S10/m + S01/n) by explicit loops."""
+    num = den = var = 0.0
+    parts = []
+    for k in np.unique(folds):
+        pos = [s[i] for i in range(len(y)) if folds[i] == k and y[i] == 1]
+        neg = [s[i] for i in range(len(y)) if folds[i] == k and y[i] == 0]
+        psi = [[1.0 if p > q else 0.5 if p == q else 0.0 for q in neg] for p in pos]
+        num += sum(map(sum, psi))
+        den += len(pos) * len(neg)
+        v10 = [sum(row) / len(neg) for row in psi]
+        v01 = [sum(psi[i][j] for i in range(len(pos))) / len(pos) for j in range(len(neg))]
+        auc_k = sum(v10) / len(pos)
+        s10 = sum((v - auc_k) ** 2 for v in v10) / (len(pos) - 1)
+        s01 = sum((v - auc_k) ** 2 for v in v01) / (len(neg) - 1)
+        parts.append((len(pos) * len(neg), s10 / len(pos) + s01 / len(neg)))
+    for pairs, v in parts:
+        var += (pairs / den) ** 2 * v
+    return num / den, var
+
+
+@pytest.mark.parametrize("ties", [None, 0])
+def test_stratified_delong_equals_brute_force(ties):
+    rng = np.random.default_rng(21)
+    y, a, _, f = _folds(rng)
+    if ties is not None:
+        a = np.round(a, ties)
+    perm = rng.permutation(len(y))
+    y, a, f = y[perm], a[perm], f[perm]
+    auc, var = _brute_force(y, a, f)
+    ci = S.stratified_auc_ci(y, a, f)
+    assert ci.auc == pytest.approx(auc, abs=1e-12)
+    assert ci.se**2 == pytest.approx(var, rel=1e-10)
+    res = S.stratified_delong(y, a, f)
+    assert res.n_pairs == 6 * 9 + 4 * 11 + 7 * 5
+    assert res.weights.sum() == pytest.approx(1.0)
+
+
+def test_fold_scale_moves_pooled_auc_but_not_stratified():
+    """Fold 1 scores ×1e6 (a fold model on another scale): the pooled AUC drops, the
+    fold-stratified AUC is the pair-weighted mean of the fold AUCs and does not move."""
+    rng = np.random.default_rng(5)
+    y, a, _, f = _folds(rng, sizes=((20, 40), (20, 40), (15, 30)), d=1.5)
+    a = a - a.min() + 1.0  # positive scores, so scaling one fold moves it away from the others
+    before = S.stratified_auc_ci(y, a, f)
+    scaled = np.where(f == 1, a * 1e6, a)
+    after = S.stratified_auc_ci(y, scaled, f)
+    fold_aucs = [roc_auc_score(y[f == k], a[f == k]) for k in range(3)]
+    pairs = [int(y[f == k].sum()) * int((1 - y[f == k]).sum()) for k in range(3)]
+    weighted = float(np.dot(fold_aucs, pairs) / sum(pairs))
+    assert before.auc == pytest.approx(weighted, abs=1e-12)
+    assert after.auc == pytest.approx(before.auc, abs=1e-12)
+    assert after.se == pytest.approx(before.se, rel=1e-12)
+    pooled_before, pooled_after = roc_auc_score(y, a), roc_auc_score(y, scaled)
+    assert pooled_after < pooled_before - 0.05
+    assert pooled_after < after.ci_low  # the artefact the pooled number showed
+
+
+def test_stratified_variance_matches_within_fold_bootstrap():
+    rng = np.random.default_rng(9)
+    y, a, _, f = _folds(rng, sizes=((60, 90), (50, 100)), d=1.0)
+    ci = S.stratified_auc_ci(y, a, f)
+    boot = []
+    for k in range(2):  # resample patients within each fold and class
+        idx = np.flatnonzero(f == k)
+        counts = S.stratified_counts(y[idx], 3000, seed=k)
+        boot.append(S.bootstrap_auc(y[idx], a[idx], counts=counts))
+    res = S.stratified_delong(y, a, f)
+    reps = res.weights[0] * boot[0] + res.weights[1] * boot[1]
+    assert ci.se**2 == pytest.approx(np.var(reps, ddof=1), rel=0.2)
+
+
+def test_stratified_paired_test():
+    rng = np.random.default_rng(13)
+    y, a, b, f = _folds(rng, sizes=((40, 60), (40, 60), (40, 60)), d=1.2)
+    t = S.stratified_delong_test(y, a, b, f)
+    res = S.stratified_delong(y, np.vstack([a, b]), f)
+    var = sum(
+        w**2 * (c[0, 0] + c[1, 1] - 2 * c[0, 1])
+        for w, c in zip(
+            res.weights,
+            [S.delong_direct(y[f == k], np.vstack([a[f == k], b[f == k]]))[1] for k in range(3)],
+            strict=True,
+        )
+    )
+    assert t.difference == pytest.approx(res.aucs[0] - res.aucs[1])
+    assert t.se**2 == pytest.approx(var, rel=1e-10)
+    assert t.p_value == pytest.approx(2 * norm.sf(abs(t.difference) / t.se))
+    # Per-fold rescaling of one model changes nothing; identical models give p = 1.
+    scaled = np.where(f == 2, b * 1e6, b)
+    assert S.stratified_delong_test(y, a, scaled, f).p_value == pytest.approx(t.p_value)
+    assert S.stratified_delong_test(y, a, a, f).p_value == 1.0
+
+
+def test_stratified_skips_one_class_folds_and_checks_inputs():
+    y = np.array([1, 0, 0, 1, 0, 0, 0])
+    s = np.array([0.9, 0.1, 0.3, 0.8, 0.7, 0.2, 0.4])
+    f = np.array([0, 0, 0, 1, 1, 1, 2])  # fold 2 has one benign patient only: no pairs
+    res = S.stratified_delong(y, s, f)
+    assert res.strata == (0, 1) and res.n_pairs == 4
+    assert math.isnan(S.stratified_auc_ci(y, s, f).se)  # one malignant per fold: no variance
+    with pytest.raises(ValueError, match="a stratum with at least one positive"):
+        S.stratified_delong(np.array([1, 0]), np.array([0.2, 0.1]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="strata must have shape"):
+        S.stratified_delong(y, s, f[:3])

@@ -7,6 +7,13 @@ Why these three:
   test of two correlated AUCs — the right test for "does fusion beat DM alone on this cohort".
   ``delong_direct`` is the O(n²) definition (DeLong et al. 1988), kept as the reference the
   fast form is tested against.
+* Cross-validation: every development patient is scored by the one fold model that did not
+  train on it, and K fold models need not share a score scale. The fold-stratified AUC counts
+  concordance only within folds (a weighted mean of the fold AUCs, weights = within-fold
+  positive × negative pairs); its variance is the stratified DeLong one (per-fold DeLong
+  variances combined with the squared weights; folds independent given the fold models).
+  Pooling the folds' scores into one AUC instead ranks patients of different models against
+  each other and drops whenever the folds' scales differ.
 * The bootstrap resamples patients within each class (the class sizes stay fixed, as in the
   DeLong model, and every resample has both classes, so the AUC is always defined). It is
   vectorised through resample *counts*: the AUC of a weighted sample only needs, for each
@@ -121,10 +128,7 @@ def delong_ci(y: np.ndarray, scores: np.ndarray, level: float = 0.95) -> AucInte
     aucs, cov = delong_covariance(y, scores)
     if len(aucs) != 1:
         raise ValueError("delong_ci takes the scores of one model")
-    auc, var = float(aucs[0]), float(cov[0, 0])
-    se = math.sqrt(var) if var > 0 else (0.0 if var == 0 else math.nan)
-    half = _z(level) * se
-    return AucInterval(auc, se, max(0.0, auc - half), min(1.0, auc + half))
+    return _interval(float(aucs[0]), float(cov[0, 0]), level)
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,10 @@ class PairedAucTest:
 def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> PairedAucTest:
     """Two-sided paired DeLong test of AUC(a) = AUC(b) on the same patients."""
     aucs, cov = delong_covariance(y, np.vstack([scores_a, scores_b]))
+    return _paired(aucs, cov)
+
+
+def _paired(aucs: np.ndarray, cov: np.ndarray) -> PairedAucTest:
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     # Rounding can leave a tiny negative variance for (near-)identical scores.
@@ -154,6 +162,92 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> Pa
         z = diff / se
         p = float(2 * norm.sf(abs(z)))
     return PairedAucTest(float(aucs[0]), float(aucs[1]), diff, se, z, p)
+
+
+# --------------------------------------------------------------------------------------------
+# Fold-stratified AUC (cross-validation)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StratifiedDelong:
+    """AUCs with concordance counted only within strata, and their DeLong covariance.
+
+    ``aucs`` (k,) = Σ_g w_g·AUC_g with ``w_g = m_g·n_g / Σ m·n`` (a stratum's share of the
+    within-stratum positive × negative pairs), so they equal the concordance over every
+    within-stratum pair; ``cov`` (k, k) = Σ_g w_g²·cov_g (strata independent). Strata with one
+    class have no pairs and no weight.
+    """
+
+    aucs: np.ndarray
+    cov: np.ndarray
+    strata: tuple[object, ...]  # the strata with both classes, in sorted order
+    weights: np.ndarray  # (g,) normalised pair weights of those strata
+    stratum_aucs: np.ndarray  # (k, g)
+    n_pairs: int
+
+
+def stratified_delong(y: np.ndarray, scores: np.ndarray, strata: np.ndarray) -> StratifiedDelong:
+    """Fold-stratified AUCs of k models on the same patients (``strata``: fold per patient).
+
+    Cross-validated scores of K fold models need not share a scale; counting concordance only
+    within a fold makes the AUC invariant to any per-fold monotone rescaling, which the pooled
+    AUC is not.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be a one-dimensional array of 0 and 1")
+    s = _as_score_matrix(scores, len(y))
+    g = np.asarray(strata)
+    if g.shape != y.shape:
+        raise ValueError(f"strata must have shape {y.shape}, got {g.shape}")
+    kept, pairs, aucs, covs = [], [], [], []
+    for level in sorted(set(g.tolist())):
+        idx = np.flatnonzero(g == level)
+        m = int(y[idx].sum())
+        n = len(idx) - m
+        if m == 0 or n == 0:
+            continue
+        a, c = delong_covariance(y[idx], s[:, idx])
+        kept.append(level)
+        pairs.append(m * n)
+        aucs.append(a)
+        covs.append(c)
+    if not kept:
+        raise ValueError("AUC needs a stratum with at least one positive and one negative")
+    total = float(sum(pairs))
+    w = np.asarray(pairs, dtype=float) / total
+    per = np.stack(aucs, axis=1)  # k × g
+    cov = np.einsum("g,gij->ij", w**2, np.stack(covs))
+    return StratifiedDelong(per @ w, cov, tuple(kept), w, per, int(total))
+
+
+def stratified_auc_ci(
+    y: np.ndarray, scores: np.ndarray, strata: np.ndarray, level: float = 0.95
+) -> AucInterval:
+    """Fold-stratified AUC of one model with a stratified-DeLong normal CI, clipped to [0, 1].
+
+    The interval is conditional on the fold models: it covers the patients' sampling
+    variation, not the variation of retraining the models.
+    """
+    res = stratified_delong(y, scores, strata)
+    if len(res.aucs) != 1:
+        raise ValueError("stratified_auc_ci takes the scores of one model")
+    return _interval(float(res.aucs[0]), float(res.cov[0, 0]), level)
+
+
+def _interval(auc: float, var: float, level: float) -> AucInterval:
+    se = math.sqrt(var) if var > 0 else (0.0 if var == 0 else math.nan)
+    half = _z(level) * se
+    return AucInterval(auc, se, max(0.0, auc - half), min(1.0, auc + half))
+
+
+def stratified_delong_test(
+    y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, strata: np.ndarray
+) -> PairedAucTest:
+    """Two-sided paired test of equal fold-stratified AUCs on the same patients and folds."""
+    res = stratified_delong(y, np.vstack([scores_a, scores_b]), strata)
+    return _paired(res.aucs, res.cov)
 
 
 # --------------------------------------------------------------------------------------------
