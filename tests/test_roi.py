@@ -145,7 +145,7 @@ def test_plan_errors_name_the_problem(cohort) -> None:
     _, df = cohort
     with pytest.raises(UserError, match="only 1 development patient"):
         plan_detector_patients(df, [f"P{i:03d}" for i in range(7)])
-    with pytest.raises(ConfigError, match="--val-fraction"):
+    with pytest.raises(ConfigError, match=r"roi\.train\.val_fraction"):
         plan_detector_patients(df, [], val_fraction=1.0)
     no_boxes = df.drop(columns=["box_x0", "box_y0", "box_x1", "box_y1"])
     with pytest.raises(ManifestError, match="no US rows with a complete box"):
@@ -227,14 +227,14 @@ def test_expand_box_margin_and_clipping() -> None:
     # A degenerate box at the border still gives a non-empty window.
     x0, y0, x1, y1 = expand_box((200, 100, 200, 100), 200, 100, margin=0.1)
     assert x1 - x0 >= 1 and y1 - y0 >= 1 and x1 <= 200 and y1 <= 100
-    with pytest.raises(ConfigError, match="--margin"):
+    with pytest.raises(ConfigError, match=r"roi\.crop\.margin"):
         expand_box((0, 0, 1, 1), 10, 10, margin=-0.1)
 
 
 def test_centre_window_and_box_in_window() -> None:
     assert centre_window(100, 50, 0.6) == (20, 10, 80, 40)
     assert centre_window(101, 51, 1.0) == (0, 0, 101, 51)
-    with pytest.raises(ConfigError, match="--centre-fraction"):
+    with pytest.raises(ConfigError, match=r"roi\.crop\.centre_fraction"):
         centre_window(10, 10, 0)
     assert box_in_window((20, 10, 30, 20), (15, 5, 40, 40)) == (5, 5, 15, 15)
     assert box_in_window((0, 0, 30, 20), (15, 5, 25, 10)) == (0, 0, 10, 5)
@@ -301,8 +301,13 @@ def test_crop_manifest_sources_geometry_and_fallbacks(cohort, tmp_path, fallback
     for p in new["path"]:
         assert (out / p).is_file(), p
     assert all(p.startswith("crops/") for p in us_new["path"])
-    # DM files live outside the new folder: absolute, since load_manifest refuses '..'.
-    assert all(os.path.isabs(p) for p in new[new["modality"] == "DM"]["path"])
+    # DM files are hard-linked into the folder: relative paths, no '..', same bytes.
+    dm_new = new[new["modality"] == "DM"]
+    assert all(p.startswith("dm/") for p in dm_new["path"])
+    dm_old = df[df["modality"] == "DM"].set_index("row")
+    for row, p in zip(dm_new["row"] if "row" in dm_new else [], dm_new["path"], strict=False):
+        assert (out / p).read_bytes() == Path(dm_old.at[row, "abs_path"]).read_bytes()
+    assert not any(os.path.isabs(p) or ".." in p for p in new["path"])
     for _, r in us_new.iterrows():
         r = r.copy()
         for col in ("roi_x0", "roi_y0", "roi_x1", "roi_y1"):
@@ -330,7 +335,7 @@ def test_crop_manifest_sources_geometry_and_fallbacks(cohort, tmp_path, fallback
                 crop_arr, src_arr[r["roi_y0"] : r["roi_y1"], r["roi_x0"] : r["roi_x1"]]
             )
     summary = json.loads((out / "roi_summary.json").read_text())
-    assert summary["counts"] == result.counts and summary["fallback"] == fallback
+    assert summary["counts"] == result.counts and summary["settings"]["fallback"] == fallback
     # The new manifest is a valid manifest: boxes (now in crop pixels) lie inside their crops.
     from breastfusion.data.manifest import load_manifest
 
@@ -369,7 +374,7 @@ def test_crop_output_is_atomic(cohort, tmp_path) -> None:
         crop_manifest(df, out, broken, batch=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "out"]  # no temp folder
     assert sorted(p.name for p in out.iterdir()) == ["old.txt", "roi_summary.json"]
-    with pytest.raises(ConfigError, match="--fallback"):
+    with pytest.raises(ConfigError, match=r"roi\.crop\.fallback"):
         crop_manifest(df, out, broken, fallback="nearest")  # type: ignore[arg-type]
 
 
@@ -411,7 +416,9 @@ def test_cli_rejects_missing_weights_without_downloading(cohort, tmp_path, capsy
         )  # fmt: skip
         err = capsys.readouterr().err
         assert code == 2
-        assert "error: --weights yolov8n.pt: no such file" in err and "never downloads" in err
+        key = "roi.train.weights" if cmd == "train" else "detector weights"
+        assert f"error: {key} (--weights) yolov8n.pt: no such file" in err
+        assert "never downloads" in err and "Traceback" not in err
         assert not (tmp_path / cmd).exists()
 
 
@@ -562,7 +569,7 @@ def test_train_and_crop_offline_quiet_and_contained(tmp_path: Path) -> None:
     new = pd.read_csv(crops / "manifest.csv")
     us = new[new["modality"] == "US"]
     assert len(us) == 10 and set(us["roi_source"]) <= {"detected", "fallback"}
-    assert "US crops by roi_source" in proc.stdout
+    assert "US crops: 10 rows; detected" in proc.stdout
     for p in new["path"]:
         assert (crops / p).is_file()
 

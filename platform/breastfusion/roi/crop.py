@@ -1,19 +1,16 @@
-"""Ultrasound ROI cropping: geometry, fallback policy and the cropped manifest.
+"""Ultrasound ROI cropping of a whole manifest: the cropped manifest, crops.csv, the summary.
 
 Nothing here imports torch or ultralytics: the detector is any callable that maps a batch of
 8-bit grey images to at most one box each (``roi.yolo.YoloDetector`` is the real one), so the
-geometry, the fallback policy and the manifest rewriting are tested with a fake detector.
+policy and the manifest rewriting are tested with a fake detector. The crop rule itself is
+:func:`breastfusion.roi.geometry.crop_image`, shared with ``predict``.
 
-Conventions:
-
-- Boxes are ``(x0, y0, x1, y1)`` in pixels of the source image, x1/y1 exclusive (the manifest's
-  convention). A crop window is the same tuple in integer pixels, clipped to the image.
-- ``margin`` is a fraction of the box's own width/height added on *each* side, so a 0.1 margin
-  around a 100 x 50 box gives a 120 x 60 window (before clipping). Context around the lesion
-  edge (posterior shadowing, margins) is diagnostic in ultrasound; a tight box would cut it.
-- Detection sees the same 8-bit image that the detector was trained on (per-image min-max of
-  ``read_grey``), but crops are cut from the raw intensities and saved with their bit depth,
-  so the later min-max normalisation runs on the crop itself, as in the study.
+The output folder is self-contained and relocatable: every path it stores is relative to
+the folder (US crops under ``crops/``, DM images hard-linked under ``dm/``), so a study folder
+moved with ``mv`` still works; ``source_path`` (traceability only) is relative to the folder
+too, climbing out with ``..`` where the source lies outside. Where a DM file cannot be
+hard-linked (another file system, no permission) its absolute path is kept and the summary
+warns that the folder is not relocatable.
 """
 
 from __future__ import annotations
@@ -22,24 +19,39 @@ import logging
 import math
 import os
 import re
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from breastfusion.data.manifest import BOX_COLUMNS, DERIVED_COLUMNS
 from breastfusion.errors import ConfigError, UserError
-from breastfusion.io import atomic_dir, dumps_json, portable_path
+from breastfusion.io import dumps_json, portable_path
+from breastfusion.roi.geometry import (  # noqa: F401  (re-exported: the module's old API)
+    ROI_SOURCES,
+    Detection,
+    Detector,
+    Window,
+    box_in_window,
+    box_iou,
+    centre_window,
+    crop_image,
+    detector_image,
+    encode_crop,
+    expand_box,
+    to_uint8,
+)
+from breastfusion.roi.settings import FALLBACKS, CropSettings
+from breastfusion.roi.summary import CropSummary, summarise_crops
+from breastfusion.roi.workdir import build_dir
 
 logger = logging.getLogger(__name__)
 
 Fallback = Literal["centre", "whole", "drop"]
-FALLBACKS: tuple[str, ...] = ("centre", "whole", "drop")
-ROI_SOURCES: tuple[str, ...] = ("detected", "box", "fallback")
+__all__ = ["FALLBACKS", "ROI_SOURCES", "CropResult", "crop_manifest"]
 ROI_COLUMNS: tuple[str, ...] = (
     "roi_source",
     "roi_confidence",
@@ -49,113 +61,34 @@ ROI_COLUMNS: tuple[str, ...] = (
     "roi_y1",
     "source_path",
 )
-
-Window = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class Detection:
-    """The best box the detector found in one image (pixels of that image) and its score."""
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    confidence: float
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return (self.x0, self.y0, self.x1, self.y1)
-
-
-# A detector takes 8-bit grey H x W arrays and returns, per image, its best box or None.
-Detector = Callable[[Sequence[np.ndarray]], list[Detection | None]]
+CROPS_CSV_COLUMNS: tuple[str, ...] = (
+    "row", "patient_id", "path", "source_path", "roi_source", "confidence",
+    "det_x0", "det_y0", "det_x1", "det_y1", "roi_x0", "roi_y0", "roi_x1", "roi_y1",
+    "box_x0", "box_y0", "box_x1", "box_y1", "iou",
+)  # fmt: skip
+SUMMARY_FILE = "roi_summary.json"
 
 
 @dataclass
 class CropResult:
-    """What ``crop_manifest`` wrote; ``counts`` is per ``roi_source`` (plus ``dropped``)."""
+    """What ``crop_manifest`` wrote (paths inside the output folder) and its summary."""
 
     manifest: Path
-    counts: dict[str, int]
-    dropped_rows: list[int] = field(default_factory=list)
+    summary: CropSummary
+    crops_csv: Path
+    summary_json: Path
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """US rows per ``roi_source`` plus ``dropped``."""
+        return dict(self.summary.counts)
+
+    @property
+    def dropped_rows(self) -> list[int]:
+        return list(self.summary.dropped_rows)
 
 
-# --------------------------------------------------------------------------------- geometry
-
-
-def expand_box(box: Sequence[float], width: int, height: int, margin: float = 0.1) -> Window:
-    """The integer crop window around ``box`` with ``margin`` per side, clipped to the image.
-
-    Rounds outwards (floor/ceil) so the window always contains the whole box, and never
-    returns an empty window: a degenerate box still yields at least one pixel.
-    """
-    if margin < 0:
-        raise ConfigError(f"--margin must be >= 0, got {margin}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if x1 < x0:
-        x0, x1 = x1, x0
-    if y1 < y0:
-        y0, y1 = y1, y0
-    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
-    wx0 = min(max(0, math.floor(x0 - dx)), width - 1)
-    wy0 = min(max(0, math.floor(y0 - dy)), height - 1)
-    wx1 = max(min(width, math.ceil(x1 + dx)), wx0 + 1)
-    wy1 = max(min(height, math.ceil(y1 + dy)), wy0 + 1)
-    return (wx0, wy0, wx1, wy1)
-
-
-def centre_window(width: int, height: int, fraction: float = 0.6) -> Window:
-    """The central ``fraction`` of each side: US lesions are usually scanned near the centre,
-    while text, calipers and colour bars sit at the borders."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"--centre-fraction must be in (0, 1], got {fraction}")
-    cw, ch = max(1, round(width * fraction)), max(1, round(height * fraction))
-    x0, y0 = (width - cw) // 2, (height - ch) // 2
-    return (x0, y0, x0 + cw, y0 + ch)
-
-
-def box_in_window(box: Sequence[float], window: Window) -> tuple[float, ...] | None:
-    """``box`` in the coordinates of a crop ``window`` (clipped); None if nothing is left."""
-    wx0, wy0, wx1, wy1 = window
-    x0 = min(max(box[0] - wx0, 0.0), wx1 - wx0)
-    y0 = min(max(box[1] - wy0, 0.0), wy1 - wy0)
-    x1 = min(max(box[2] - wx0, 0.0), wx1 - wx0)
-    y1 = min(max(box[3] - wy0, 0.0), wy1 - wy0)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return (float(x0), float(y0), float(x1), float(y1))
-
-
-# ------------------------------------------------------------------------------- pixel data
-
-
-def to_uint8(normalised: np.ndarray) -> np.ndarray:
-    """[0, 1] float -> uint8 (the detector's input, in training and detection alike)."""
-    return np.clip(np.rint(np.asarray(normalised, dtype=np.float32) * 255.0), 0, 255).astype(
-        np.uint8
-    )
-
-
-def encode_crop(raw: np.ndarray) -> np.ndarray:
-    """Pick a lossless PNG dtype for a crop of raw intensities.
-
-    8-bit sources stay 8-bit and 16-bit sources (DICOM, 16-bit PNG/TIFF) stay 16-bit, so no
-    grey levels are lost. Values PNG cannot hold (negative, fractional, > 65535, e.g. a DICOM
-    with rescale slope/intercept) are min-max scaled to 16 bits: a monotone rescale that the
-    per-image min-max normalisation downstream undoes anyway.
-    """
-    raw = np.asarray(raw)
-    finite = np.nan_to_num(raw.astype(np.float64), nan=0.0)
-    lo, hi = float(finite.min()), float(finite.max())
-    integral = bool(np.all(finite == np.round(finite)))
-    if integral and lo >= 0 and hi <= 255:
-        return finite.astype(np.uint8)
-    if integral and lo >= 0 and hi <= 65535:
-        return finite.astype(np.uint16)
-    if hi <= lo:
-        return np.zeros(finite.shape, dtype=np.uint16)
-    return np.rint((finite - lo) / (hi - lo) * 65535.0).astype(np.uint16)
+# ------------------------------------------------------------------------------ small helpers
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -185,202 +118,288 @@ def row_box(row: pd.Series) -> tuple[float, float, float, float] | None:
 
 
 def relative_path(target: str | os.PathLike, start: Path) -> str:
-    """``target`` as the new manifest (in ``start``) should name it, so that it stays valid.
-
-    Inside ``start``: relative (the folder can move). Outside: absolute, because
-    ``load_manifest`` refuses relative paths that climb out with ``..`` by default, and
-    because another drive has no relative path at all.
-    """
+    """``target`` as a manifest in ``start`` may store it: relative inside ``start``,
+    absolute outside (``load_manifest`` refuses ``..``)."""
     return portable_path(target, start)
 
 
+def relative_ref(target: str | os.PathLike, start: str | os.PathLike) -> str:
+    """``target`` relative to folder ``start``, climbing with ``..`` if needed (POSIX
+    separators), for references that no loader resolves (provenance, ``source_path``).
+    Absolute only where no relative path exists (another drive)."""
+    try:
+        return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(start))).as_posix()
+    except ValueError:
+        return Path(os.path.abspath(target)).as_posix()
+
+
+def _rows_text(rows: list[int], limit: int = 20) -> str:
+    text = ", ".join(str(r) for r in rows[:limit])
+    return text + (f" … and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def _crop_settings(settings: CropSettings | None, **overrides: Any) -> CropSettings:
+    settings = settings or CropSettings()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return settings.replace(**given) if given else settings
+
+
 # ------------------------------------------------------------------------------ the manifest
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The US rows, their manifest boxes, which need the detector, and rows per image."""
+
+    boxes: dict[int, tuple[float, float, float, float] | None]
+    needs_detection: frozenset[int]
+    images: dict[str, list[int]]
+
+
+def _plan(df: pd.DataFrame, use_boxes: bool, has_detector: bool) -> _Plan:
+    is_us = df["modality"].astype(str).str.upper().eq("US")
+    has_box_col = all(c in df.columns for c in BOX_COLUMNS)
+    boxes = {int(i): (row_box(df.loc[i]) if has_box_col else None) for i in df.index[is_us]}
+    needs = frozenset(i for i in boxes if not (use_boxes and boxes[i] is not None))
+    if needs and not has_detector:
+        rows = sorted(int(df.at[i, "row"]) for i in needs)
+        raise UserError(
+            f"{len(rows)} US row(s) need a detector but none was given (rows {_rows_text(rows)});"
+            " give trained detector weights, or crop around manifest boxes (roi.mode: boxes) "
+            "with a box on every US row"
+        )
+    # Rows grouped by image: an image listed twice (two lesions) is read and detected once.
+    images: dict[str, list[int]] = {}
+    for i in boxes:
+        images.setdefault(str(df.at[i, "abs_path"]), []).append(i)
+    return _Plan(boxes, needs, images)
 
 
 def crop_manifest(
     df: pd.DataFrame,
     out_dir: str | os.PathLike,
     detector: Detector | None,
+    settings: CropSettings | None = None,
     *,
-    margin: float = 0.1,
-    fallback: Fallback = "centre",
+    margin: float | None = None,
+    fallback: Fallback | None = None,
+    centre_fraction: float | None = None,
     use_boxes: bool = False,
-    centre_fraction: float = 0.6,
     batch: int = 16,
+    holdout: Sequence[str] | None = None,
+    source_manifest: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
     extra_summary: dict | None = None,
 ) -> CropResult:
-    """Crop every US image of a loaded manifest and write ``out_dir/manifest.csv``.
+    """Crop every US image of a loaded manifest into ``out_dir``.
 
-    ``df`` is ``load_manifest``'s frame. For each US row the crop window comes from the
-    manifest box (``use_boxes`` and the row has one: ``roi_source=box``), else from the
-    detector's best box (``detected``), else from the fallback policy (``centre`` or ``whole``:
-    ``fallback``; ``drop``: the row is left out and named in a warning). DM rows are copied
-    with their paths rewritten relative to ``out_dir``. The folder is built under a temporary
-    name and appears only when complete.
+    Writes ``manifest.csv`` (a valid manifest: US rows point to ``crops/``, DM rows to
+    ``dm/``), ``crops.csv`` (per US row: the raw detection in source pixels, its confidence,
+    the crop window, the ROI source, the manifest box and its IoU with the detection) and
+    ``roi_summary.json`` (:class:`~breastfusion.roi.summary.CropSummary`, plus the settings
+    and provenance). The window comes from the manifest box (``use_boxes`` and the row has
+    one), else the detector's best box, else ``settings.fallback``. ``margin``/``fallback``/
+    ``centre_fraction`` override ``settings``. ``holdout`` (patient ids) adds IoU statistics
+    of patients the detector never saw. The folder appears only when complete.
     """
-    from breastfusion.data.imaging import minmax, read_grey
-
-    if fallback not in FALLBACKS:
-        raise ConfigError(f"--fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
-    if margin < 0:
-        raise ConfigError(f"--margin must be >= 0, got {margin}")
-    centre_window(1, 1, centre_fraction)  # validates the fraction before any work
-    if batch < 1:
-        raise ConfigError(f"--batch must be >= 1, got {batch}")
-
-    out_dir = Path(out_dir).absolute()
+    settings = _crop_settings(
+        settings, margin=margin, fallback=fallback, centre_fraction=centre_fraction
+    )
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"crop batch size must be an integer >= 1, got {batch!r}")
+    out = Path(out_dir).absolute()
     df = df.reset_index(drop=True)
-    is_us = df["modality"].astype(str).str.upper().eq("US")
-    has_box_col = all(c in df.columns for c in BOX_COLUMNS)
-
-    # Which US rows need the detector: all of them, or only those without a trusted box.
-    boxes: dict[int, tuple[float, float, float, float] | None] = {}
-    for i in df.index[is_us]:
-        boxes[i] = row_box(df.loc[i]) if has_box_col else None
-    needs_detection = {i for i in boxes if not (use_boxes and boxes[i] is not None)}
-    if needs_detection and detector is None:
-        rows = sorted(int(df.at[i, "row"]) for i in needs_detection)
-        raise UserError(
-            f"{len(rows)} US row(s) need a detector but no --weights were given "
-            f"(rows {_rows_text(rows)}); pass --weights, or --use-boxes with boxes on every US row"
+    plan = _plan(df, use_boxes, detector is not None)
+    with build_dir(out, marker=SUMMARY_FILE) as tmp:
+        records = _crop_all(df, plan, detector, settings, tmp, batch)
+        summary = summarise_crops(
+            [records[i] for i in sorted(records)], settings, use_boxes=use_boxes, holdout=holdout
         )
-
-    # Group rows by image so an image listed twice (two lesions) is read and detected once.
-    images: dict[str, list[int]] = {}
-    for i in boxes:
-        images.setdefault(str(df.at[i, "abs_path"]), []).append(i)
-
-    decisions: dict[int, dict] = {}
-    dropped: list[int] = []
-    with atomic_dir(out_dir, owned_marker="roi_summary.json") as tmp:
-        crops = tmp / "crops"
-        crops.mkdir()
-        paths = list(images)
-        for start in range(0, len(paths), batch):
-            chunk = paths[start : start + batch]
-            raws = [read_grey(p) for p in chunk]
-            detect_idx = [
-                k for k, p in enumerate(chunk) if any(i in needs_detection for i in images[p])
-            ]
-            found: dict[int, Detection | None] = {}
-            if detect_idx:
-                inputs = [to_uint8(minmax(raws[k], source=chunk[k])) for k in detect_idx]
-                results = detector(inputs)  # type: ignore[misc]
-                if len(results) != len(inputs):
-                    raise RuntimeError("detector returned a different number of results")
-                found = dict(zip(detect_idx, results, strict=True))
-            for k, p in enumerate(chunk):
-                raw = raws[k]
-                h, w = raw.shape[:2]
-                for i in images[p]:
-                    decision = _decide(
-                        boxes[i], found.get(k), use_boxes, fallback, w, h, margin, centre_fraction
-                    )
-                    if decision is None:
-                        dropped.append(i)
-                        continue
-                    x0, y0, x1, y1 = decision["window"]
-                    name = f"{safe_name(df.at[i, 'patient_id'])}_r{int(df.at[i, 'row'])}.png"
-                    save_png(encode_crop(raw[y0:y1, x0:x1]), crops / name)
-                    decision["path"] = f"crops/{name}"
-                    decisions[i] = decision
-
-        out_df = _rewrite_manifest(df, decisions, dropped, out_dir)
-        counts = Counter(d["roi_source"] for d in decisions.values())
-        summary_counts = {s: int(counts.get(s, 0)) for s in ROI_SOURCES}
-        summary_counts["dropped"] = len(dropped)
-        (tmp / "manifest.csv").write_text(out_df.to_csv(index=False), encoding="utf-8")
-        summary = {
-            "counts": summary_counts,
-            "dropped_rows": sorted(int(df.at[i, "row"]) for i in dropped),
-            "margin": margin,
-            "fallback": fallback,
-            "use_boxes": use_boxes,
-            "centre_fraction": centre_fraction,
+        out_df, link_warnings = _rewrite_manifest(df, records, tmp, out)
+        summary.warnings.extend(link_warnings)
+        provenance = {
+            "source_manifest": relative_ref(source_manifest, out) if source_manifest else None,
+            "weights": relative_ref(weights, out) if weights else None,
             **(extra_summary or {}),
         }
-        (tmp / "roi_summary.json").write_text(dumps_json(summary), encoding="utf-8")
-
-    dropped_rows = sorted(int(df.at[i, "row"]) for i in dropped)
-    if dropped:
-        who = ", ".join(
-            f"row {int(df.at[i, 'row'])} (patient {df.at[i, 'patient_id']})" for i in dropped
-        )
-        logger.warning(
-            "no lesion detected; dropped %d US row(s) (--fallback drop): %s", len(dropped), who
-        )
-    return CropResult(out_dir / "manifest.csv", summary_counts, dropped_rows)
+        _write_outputs(tmp, out, out_df, records, summary, provenance)
+    _log_summary(summary, records)
+    return CropResult(out / "manifest.csv", summary, out / "crops.csv", out / SUMMARY_FILE)
 
 
-def _decide(
-    box: tuple[float, float, float, float] | None,
-    detection: Detection | None,
-    use_boxes: bool,
-    fallback: str,
-    width: int,
-    height: int,
-    margin: float,
-    centre_fraction: float,
-) -> dict | None:
-    """The crop window and its provenance for one row; None means drop the row."""
-    if use_boxes and box is not None:
-        return {
-            "window": expand_box(box, width, height, margin),
-            "roi_source": "box",
-            "roi_confidence": float("nan"),
-        }
-    if detection is not None:
-        return {
-            "window": expand_box(detection.box, width, height, margin),
-            "roi_source": "detected",
-            "roi_confidence": float(detection.confidence),
-        }
-    if fallback == "drop":
+def _crop_all(
+    df: pd.DataFrame,
+    plan: _Plan,
+    detector: Detector | None,
+    settings: CropSettings,
+    tmp: Path,
+    batch: int,
+) -> dict[int, dict[str, Any]]:
+    """Read, detect (in batches of images) and crop every US row; one record per row."""
+    from breastfusion.data.imaging import read_grey
+
+    records: dict[int, dict[str, Any]] = {}
+    paths = list(plan.images)
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
+        raws = [read_grey(p) for p in chunk]
+        ran = [
+            k for k, p in enumerate(chunk) if any(i in plan.needs_detection for i in plan.images[p])
+        ]
+        found: dict[int, Detection | None] = {}
+        if ran:
+            inputs = [detector_image(raws[k], source=chunk[k]) for k in ran]
+            results = detector(inputs)  # type: ignore[misc]
+            if len(results) != len(inputs):
+                raise RuntimeError("detector returned a different number of results")
+            found = dict(zip(ran, results, strict=True))
+        for k, p in enumerate(chunk):
+            for i in plan.images[p]:
+                detected = i in plan.needs_detection
+                roi = found.get(k) if detected else plan.boxes[i]
+                crop, info = crop_image(raws[k], roi, settings)
+                name = f"{safe_name(df.at[i, 'patient_id'])}_r{int(df.at[i, 'row'])}.png"
+                if crop is not None:
+                    save_png(crop, tmp / "crops" / name)
+                records[i] = _record(df, i, info, plan.boxes[i], detected, crop is not None, name)
+    return records
+
+
+def _record(
+    df: pd.DataFrame,
+    i: int,
+    info: dict[str, Any],
+    manifest_box: tuple[float, float, float, float] | None,
+    detector_ran: bool,
+    saved: bool,
+    name: str,
+) -> dict[str, Any]:
+    det_box = info["det_box"]
+    return {
+        **info,
+        "row": int(df.at[i, "row"]),
+        "patient_id": str(df.at[i, "patient_id"]),
+        "abs_path": str(df.at[i, "abs_path"]),
+        "path": f"crops/{name}" if saved else None,
+        "manifest_box": manifest_box,
+        "detector_ran": detector_ran,
+        "iou": box_iou(det_box, manifest_box) if det_box and manifest_box else None,
+    }
+
+
+def _link_dm(df: pd.DataFrame, i: int, tmp: Path, linked: dict[str, str]) -> str | None:
+    """Hard-link a DM image into ``dm/`` (relative path), or None when it cannot be linked."""
+    source = str(df.at[i, "abs_path"])
+    if source in linked:
+        return linked[source]
+    name = f"dm/{safe_name(df.at[i, 'patient_id'])}_r{int(df.at[i, 'row'])}{Path(source).suffix}"
+    (tmp / "dm").mkdir(exist_ok=True)
+    try:
+        os.link(source, tmp / name)
+    except OSError:
         return None
-    window = (
-        centre_window(width, height, centre_fraction)
-        if fallback == "centre"
-        else (
-            0,
-            0,
-            width,
-            height,
-        )
-    )
-    return {"window": window, "roi_source": "fallback", "roi_confidence": float("nan")}
+    linked[source] = name
+    return name
 
 
 def _rewrite_manifest(
-    df: pd.DataFrame, decisions: dict[int, dict], dropped: list[int], out_dir: Path
-) -> pd.DataFrame:
-    """The new manifest: the original columns (paths valid from ``out_dir``) + ROI columns.
+    df: pd.DataFrame, records: dict[int, dict[str, Any]], tmp: Path, out_dir: Path
+) -> tuple[pd.DataFrame, list[str]]:
+    """The new manifest: the original columns (paths inside the folder) + ROI columns.
 
     US boxes are moved into crop coordinates (a box is "pixels of that image"); the crop
     window in source pixels and the source path are kept for traceability.
     """
+    dropped = [i for i, r in records.items() if r["path"] is None]
     keep = [c for c in df.columns if c not in DERIVED_COLUMNS and c not in ROI_COLUMNS]
     out = df.loc[~df.index.isin(dropped), keep].copy()
-    out["path"] = [relative_path(df.at[i, "abs_path"], out_dir) for i in out.index]
     for col in ROI_COLUMNS:
         out[col] = pd.Series([None] * len(out), index=out.index, dtype=object)
+    linked: dict[str, str] = {}
+    unlinked = []
+    for i in out.index:
+        if i in records:
+            continue
+        name = _link_dm(df, int(i), tmp, linked)
+        if name is None:
+            unlinked.append(int(df.at[i, "row"]))
+            name = Path(os.path.abspath(df.at[i, "abs_path"])).as_posix()
+        out.at[i, "path"] = name
     has_box_col = all(c in df.columns for c in BOX_COLUMNS)
-    for i, d in decisions.items():
-        x0, y0, x1, y1 = d["window"]
-        out.at[i, "path"] = d["path"]
-        out.at[i, "roi_source"] = d["roi_source"]
-        conf = d["roi_confidence"]
-        out.at[i, "roi_confidence"] = None if math.isnan(conf) else round(conf, 6)
+    for i, r in records.items():
+        if r["path"] is None:
+            continue
+        x0, y0, x1, y1 = r["window"]
+        out.at[i, "path"] = r["path"]
+        out.at[i, "roi_source"] = r["roi_source"]
+        out.at[i, "roi_confidence"] = r["confidence"]
         out.at[i, "roi_x0"], out.at[i, "roi_y0"] = x0, y0
         out.at[i, "roi_x1"], out.at[i, "roi_y1"] = x1, y1
-        out.at[i, "source_path"] = relative_path(df.at[i, "abs_path"], out_dir)
+        out.at[i, "source_path"] = relative_ref(r["abs_path"], out_dir)
         if has_box_col:
-            box = row_box(df.loc[i])
-            moved = box_in_window(box, d["window"]) if box is not None else None
+            box = r["manifest_box"]
+            moved = box_in_window(box, r["window"]) if box is not None else None
             for col, v in zip(BOX_COLUMNS, moved or (None,) * 4, strict=True):
-                out.at[i, col] = None if v is None else round(v, 3)
-    return out
+                out.at[i, col] = v
+    warnings = []
+    if unlinked:
+        warnings.append(
+            f"{len(unlinked)} DM image(s) could not be hard-linked into the crop folder (another"
+            f" file system or no permission; rows {_rows_text(unlinked)}): the manifest names "
+            "them by absolute path, so the folder is not relocatable"
+        )
+    return out, warnings
 
 
-def _rows_text(rows: list[int], limit: int = 20) -> str:
-    text = ", ".join(str(r) for r in rows[:limit])
-    return text + (f" … and {len(rows) - limit} more" if len(rows) > limit else "")
+def _write_outputs(
+    tmp: Path,
+    out_dir: Path,
+    out_df: pd.DataFrame,
+    records: dict[int, dict[str, Any]],
+    summary: CropSummary,
+    provenance: dict[str, Any],
+) -> None:
+    (tmp / "crops").mkdir(exist_ok=True)
+    (tmp / "manifest.csv").write_text(out_df.to_csv(index=False), encoding="utf-8")
+    rows = []
+    for i in sorted(records):
+        r = records[i]
+        det = r["det_box"] or (None,) * 4
+        win = r["window"] or (None,) * 4
+        box = r["manifest_box"] or (None,) * 4
+        rows.append(
+            [r["row"], r["patient_id"], r["path"], relative_ref(r["abs_path"], out_dir),
+             r["roi_source"], r["confidence"], *det, *win, *box, r["iou"]]
+        )  # fmt: skip
+    table = pd.DataFrame(rows, columns=list(CROPS_CSV_COLUMNS))
+    (tmp / "crops.csv").write_text(table.to_csv(index=False), encoding="utf-8")
+    record = {
+        **summary.to_dict(),
+        "files": {"manifest": "manifest.csv", "crops": "crops.csv", "crop_images": "crops/"},
+        "provenance": provenance,
+    }
+    (tmp / SUMMARY_FILE).write_text(dumps_json(_json_safe(record)), encoding="utf-8")
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN); floats otherwise at full precision."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _log_summary(summary: CropSummary, records: dict[int, dict]) -> None:
+    dropped = [r for r in records.values() if r["roi_source"] == "dropped"]
+    if dropped:
+        who = ", ".join(f"row {r['row']} (patient {r['patient_id']})" for r in dropped)
+        logger.warning(
+            "no lesion detected; dropped %d US row(s) (roi.crop.fallback: drop): %s",
+            len(dropped),
+            who,
+        )
+    for warning in summary.warnings:
+        logger.warning("%s", warning)
