@@ -175,7 +175,7 @@ def test_busi_normal_kept_as_benign_and_patient_map(busi, tmp_path):
     mapping.write_text("image,patient_id\nbenign (2).png,woman7\nbenign (3),woman7\n")
     out = busi / "manifest.csv"  # inside SOURCE -> relative paths
     report = import_busi(
-        busi, out, normal="benign", patient_map=mapping, duplicates="drop", near_duplicates=True
+        busi, out, normal="benign", patient_map=mapping, duplicates="drop", near_duplicates="report"
     )
     rows = by(rows_of(out), "path")
     assert rows["normal (1).png"]["label"] == "benign"
@@ -198,9 +198,9 @@ def test_busi_near_duplicates_reported(tmp_path):
     brighter = np.clip(base.astype(int) + 3, 0, 255).astype(np.uint8)  # not pixel-identical
     save(root / "malignant" / "malignant (1).png", brighter)
     save(root / "malignant" / "malignant (1)_mask.png", mask((64, 64), (1, 1, 5, 5)))
-    report = import_busi(root, tmp_path / "m.csv", near_duplicates=True)
+    report = import_busi(root, tmp_path / "m.csv", near_duplicates="report")
     assert report.duplicate_groups == []
-    assert [p[:2] for p in report.near_duplicate_pairs] == [
+    assert [(p["image_a"], p["image_b"]) for p in report.near_duplicate_pairs] == [
         ("benign/benign (1).png", "malignant/malignant (1).png")
     ]
     assert report.written == 2

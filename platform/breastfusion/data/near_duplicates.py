@@ -8,10 +8,12 @@ that were resized, re-encoded or shifted in brightness: those change the gradien
 in at most a few of the 64 cells, while distinct images differ in about half of them.
 
 A pair is ``distance <= max_distance`` bits (default 4; on the real BUSI this gives 135
-pairs whose median thumbnail correlation is 0.96). The Pearson correlation of 16x16
-thumbnails is recorded with every pair so a person can judge it, but it is not a criterion:
-ultrasound images share the fan shape and black borders, so distinct images correlate at
-0.9 and more.
+pairs whose median thumbnail correlation is 0.96) whose 16x16 thumbnails also correlate at
+``MIN_CORRELATION`` (0.5) or more. The correlation alone would be a poor criterion
+(ultrasound images share the fan shape and black borders, so distinct images correlate at
+0.9 and more); it guards the hash's blind spot: flat images (blank frames, masks) have no
+gradients, so all their hashes are ~0 and would all "match". Copies correlate near 1; the
+value is recorded with every pair so a person can judge it.
 
 Light module: numpy and Pillow only, each file decoded once.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_DISTANCE = 4
+MIN_CORRELATION = 0.5
 HASH_SIZE = 8  # 8 rows x (8 + 1) columns -> 64 sign bits
 THUMB_SIZE = 16
 _IO_THREADS = 4
@@ -66,12 +69,12 @@ class Item:
 
 @dataclass(frozen=True)
 class Pair:
-    """Two near-duplicate images; ``correlation`` is None when a thumbnail is constant."""
+    """Two near-duplicate images: hash ``distance`` (bits) and thumbnail ``correlation``."""
 
     a: Item
     b: Item
     distance: int
-    correlation: float | None
+    correlation: float
 
     @property
     def conflicting(self) -> bool:
@@ -85,7 +88,7 @@ class Pair:
         return f"{one(self.a)} ~ {one(self.b)}, distance {self.distance}"
 
     def record(self) -> dict[str, object]:
-        """A CSV/JSON row (no NaN: an undefined correlation is None)."""
+        """A CSV/JSON row (plain str/int/float, full precision)."""
         return {
             "image_a": self.a.name,
             "image_b": self.b.name,
@@ -175,7 +178,11 @@ def find_pairs(
     max_distance: int = MAX_DISTANCE,
     keep: Callable[[Item, Item], bool] | None = None,
 ) -> list[Pair]:
-    """Near-duplicate pairs among ``items`` of the same modality (``keep`` filters more)."""
+    """Near-duplicate pairs among ``items`` of the same modality (``keep`` filters more).
+
+    ``items[k]`` is described by ``sigs[k]``; a pair needs both the hash distance and the
+    thumbnail correlation (see the module's notes).
+    """
     if max_distance < 0:
         from breastfusion.errors import ConfigError
 
@@ -185,8 +192,10 @@ def find_pairs(
         idx = [k for k, it in enumerate(items) if it.modality == modality]
         for i, j, d in hash_pairs([sigs[k].code for k in idx], max_distance):
             a, b = items[idx[i]], items[idx[j]]
-            if keep is None or keep(a, b):
-                corr = correlation(sigs[idx[i]], sigs[idx[j]])
+            if keep is not None and not keep(a, b):
+                continue
+            corr = correlation(sigs[idx[i]], sigs[idx[j]])
+            if corr is not None and corr >= MIN_CORRELATION:
                 pairs.append(Pair(a=a, b=b, distance=d, correlation=corr))
     return pairs
 

@@ -21,8 +21,10 @@ lesions, one ``_mask_N.png`` each. Choices made here:
   (``image,patient_id``) says otherwise. Several images of one woman therefore may land in
   different folds: BUSI is known to hold duplicated and near-duplicated images (Pawłowska et
   al., Data in Brief 2023, PMC10293973: 235 duplicates, 8 lesions in both the benign and the
-  malignant folder). Pixel-identical copies are found by hash and handled by the duplicate
-  policy (see ``common.handle_duplicates``); near duplicates are reported on request.
+  malignant folder). Pixel-identical copies are found by hash, resized or re-encoded copies
+  by a perceptual hash; by default the images of each group of copies become one
+  pseudo-patient and groups filed under both labels are excluded (see
+  ``importers.duplicates``; on the real BUSI the perceptual hash finds 135 pairs).
 - a mapping that puts benign and malignant images on one patient makes that patient
   malignant (one label per patient); ``image_label`` keeps each image's folder label.
 - Images are referenced where they are (relative when under the manifest's folder).
@@ -40,13 +42,13 @@ from breastfusion.importers.common import (
     _ImageProblem,
     apply_patient_map,
     check_source_dir,
-    handle_duplicates,
     image_dims,
     load_patient_map,
     masks_box,
     safe_id,
     write_manifest,
 )
+from breastfusion.importers.duplicates import handle_duplicates
 
 CLASSES = ("benign", "malignant", "normal")
 NORMAL_POLICIES = ("exclude", "benign")
@@ -74,11 +76,13 @@ def import_busi(
     normal: str = "exclude",
     patient_map: Path | None = None,
     duplicates: str = "group",
-    near_duplicates: bool = False,
+    near_duplicates: str = "group",
 ) -> ImportReport:
     """Write a US manifest for BUSI at ``out``; returns the report."""
     if normal not in NORMAL_POLICIES:
-        raise UserError(f"busi: --normal must be one of {', '.join(NORMAL_POLICIES)}")
+        raise UserError(
+            f"busi: option 'normal' must be one of {', '.join(NORMAL_POLICIES)} (got {normal!r})"
+        )
     root = find_busi_root(Path(source))
     mapping = load_patient_map(patient_map) if patient_map else None
     report = ImportReport(format="busi", source=str(root))
@@ -135,8 +139,10 @@ def import_busi(
             "source_class=normal; they have no lesion box"
         )
     report.notes.append(
-        "BUSI has no patient ids: each image is its own patient unless --patient-map is given; "
-        "the published set holds duplicates (Pawłowska et al. 2023)"
+        "BUSI has no patient ids: each image is its own patient unless option 'patient_map' "
+        "is given, and copies of one image (exact or near) are joined into one patient "
+        "unless options 'duplicates'/'near_duplicates' say otherwise; the published set "
+        "holds duplicates (Pawłowska et al. 2023)"
     )
     write_manifest(rows, Path(out), report, extra_columns=["source_class"])
     return report

@@ -139,9 +139,14 @@ def import_cbis_ddsm(
     root (default: ``source``).
     """
     if abnormality not in ABNORMALITY_CHOICES:
-        raise UserError(f"cbis-ddsm: --abnormality must be one of {', '.join(ABNORMALITY_CHOICES)}")
+        raise UserError(
+            "cbis-ddsm: option 'abnormality' must be one of "
+            f"{', '.join(ABNORMALITY_CHOICES)} (got {abnormality!r})"
+        )
     source = check_source_dir(Path(source), "cbis-ddsm")
-    image_root = check_source_dir(Path(images), "cbis-ddsm --images") if images else source
+    image_root = (
+        check_source_dir(Path(images), "cbis-ddsm", "option 'images'") if images else source
+    )
     csvs = find_csvs(source, abnormality)
     if not csvs:
         wanted = [n for n, v in CSV_FILES.items() if abnormality in ("both", v[0])]

@@ -6,12 +6,14 @@ format's typed importer, prints its report. Importers live in the sibling module
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
 
 from breastfusion.errors import UserError
-from breastfusion.importers.common import DUPLICATE_POLICIES, ImportReport
+from breastfusion.importers.duplicates import DUPLICATE_POLICIES, NEAR_POLICIES
+from breastfusion.importers.report import ImportReport
 
 FORMATS = ("busi", "mini-mias", "cbis-ddsm", "folders")
 
@@ -41,7 +43,7 @@ def run_import(fmt: str, source: Path, out: Path, **options) -> ImportReport:
             normal=options.get("normal") or "exclude",
             patient_map=options.get("patient_map"),
             duplicates=options.get("duplicates") or "group",
-            near_duplicates=bool(options.get("near_duplicates")),
+            near_duplicates=options.get("near_duplicates") or "group",
         )
     if fmt == "mini-mias":
         from breastfusion.importers.mini_mias import import_mini_mias
@@ -75,9 +77,17 @@ def run_import(fmt: str, source: Path, out: Path, **options) -> ImportReport:
             mask_suffix=options.get("mask_suffix"),
             patient_map=options.get("patient_map"),
             duplicates=options.get("duplicates") or "group",
-            near_duplicates=bool(options.get("near_duplicates")),
+            near_duplicates=options.get("near_duplicates") or "group",
         )
     raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+_OPTION = re.compile(r"option '([a-z_]+)'")
+
+
+def _as_flags(text: str) -> str:
+    """The importers name their options (``option 'near_duplicates'``); here they are flags."""
+    return _OPTION.sub(lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 @click.command("import")
@@ -111,9 +121,11 @@ def run_import(fmt: str, source: Path, out: Path, **options) -> ImportReport:
 )
 @click.option(
     "--near-duplicates",
-    is_flag=True,
+    type=click.Choice(NEAR_POLICIES),
     default=None,
-    help="busi, folders: also report near duplicates (perceptual hash).",
+    help="busi, folders: resized/re-encoded copies (perceptual hash) across patients: one "
+    "patient per group, groups with both labels excluded (group, default); list only "
+    "(report); or skip the check (off). Pairs go to <manifest>.near_duplicates.csv.",
 )
 @click.option(
     "--convert-png",
@@ -171,8 +183,15 @@ def import_command(fmt: str, source: Path, out: Path, report_json: Path | None, 
         raise UserError(f"option(s) {', '.join(wrong)} do not apply to format {fmt}")
     if not source.exists():
         raise UserError(f"{fmt}: SOURCE {source} does not exist")
-    report = run_import(fmt, source, out, **{k: v for k, v in options.items() if v is not None})
-    click.echo(report.summary())
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        report = run_import(fmt, source, out, **given)
+    except UserError as exc:
+        exc.message = _as_flags(exc.message)
+        exc.args = (exc.message,)
+        exc.details = [_as_flags(d) for d in exc.details]
+        raise
+    click.echo(_as_flags(report.summary()))
     if report_json is not None:
         from breastfusion.io import atomic_write_json
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the importers: the report, manifest writing, boxes, ids and duplicates.
+"""Shared pieces of the importers: rows, manifest writing, boxes, ids and patient maps.
 
 Every importer turns a public data set's own layout into the manifest contract
 (``patient_id, modality, path, label, view, laterality, box_x0..box_y1``; see
@@ -10,7 +10,6 @@ column/row, so a mask covering the whole image gives ``(0, 0, width, height)``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import re
@@ -18,13 +17,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from breastfusion.data.imaging import box_of, union_boxes  # noqa: F401 (re-exported)
 from breastfusion.data.manifest import BOX_COLUMNS, KNOWN_COLUMNS, LABELS  # noqa: F401
+from breastfusion.data.near_duplicates import PAIR_COLUMNS, pairs_csv_text
 from breastfusion.errors import UserError
+from breastfusion.importers.report import ImportReport
 from breastfusion.io import atomic_write_text, portable_path
 
 log = logging.getLogger(__name__)
@@ -35,120 +35,8 @@ RASTER_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm"}
 )
 IMAGE_SUFFIXES: frozenset[str] = RASTER_SUFFIXES | {".dcm"}
-DUPLICATE_POLICIES: tuple[str, ...] = ("group", "drop", "warn")
 
 Box = tuple[int, int, int, int]
-
-
-# --------------------------------------------------------------------------------------------
-# the report
-
-
-@dataclass
-class ImportReport:
-    """What an import read, wrote, skipped (with reasons) and warned about.
-
-    ``read == written + n_skipped``: every item examined is either a manifest row or a
-    skip with a reason (for CBIS-DDSM an item is a distinct image, or a CSV row rejected
-    before it could name one). ``flagged`` rows are written but incomplete (e.g. no box).
-
-    ``skipped`` maps a short reason to how many items it cost; ``skipped_items`` keeps the
-    item names (first ``max_items`` per reason) so a user can look at them.
-    """
-
-    format: str
-    source: str
-    out: str = ""
-    read: int = 0
-    written: int = 0
-    labels: dict[str, int] = field(default_factory=dict)
-    patients: int = 0
-    boxes: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    skipped_items: dict[str, list[str]] = field(default_factory=dict)
-    flagged: Counter[str] = field(default_factory=Counter)
-    flagged_items: dict[str, list[str]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    duplicate_groups: list[list[str]] = field(default_factory=list)
-    near_duplicate_pairs: list[tuple[str, str, int]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    max_items: int = 20
-
-    def skip(self, item: str, reason: str) -> None:
-        self.skipped[reason] += 1
-        items = self.skipped_items.setdefault(reason, [])
-        if len(items) < self.max_items:
-            items.append(item)
-        log.debug("skipped %s: %s", item, reason)
-
-    def flag(self, item: str, reason: str) -> None:
-        """A row that is written but incomplete (e.g. no box), counted by reason."""
-        self.flagged[reason] += 1
-        items = self.flagged_items.setdefault(reason, [])
-        if len(items) < self.max_items:
-            items.append(item)
-        log.debug("kept %s with an issue: %s", item, reason)
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        log.debug(message)  # printed once, by the summary
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "source": self.source,
-            "out": self.out,
-            "read": self.read,
-            "written": self.written,
-            "labels": dict(self.labels),
-            "patients": self.patients,
-            "boxes": self.boxes,
-            "skipped": dict(self.skipped),
-            "skipped_items": {k: list(v) for k, v in self.skipped_items.items()},
-            "flagged": dict(self.flagged),
-            "flagged_items": {k: list(v) for k, v in self.flagged_items.items()},
-            "warnings": list(self.warnings),
-            "duplicate_groups": [list(g) for g in self.duplicate_groups],
-            "near_duplicate_pairs": [list(p) for p in self.near_duplicate_pairs],
-            "notes": list(self.notes),
-        }
-
-    def summary(self) -> str:
-        """Human-readable lines for the terminal."""
-        labels = ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items())) or "none"
-        lines = [
-            f"{self.format}: read {self.read}, wrote {self.written} rows "
-            f"({labels}; {self.patients} patients; {self.boxes} with a box) to {self.out}",
-        ]
-        if self.skipped:
-            lines.append(f"skipped {self.n_skipped}:")
-            for reason, n in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
-                examples = self.skipped_items.get(reason, [])[:3]
-                more = f" (e.g. {', '.join(examples)})" if examples else ""
-                lines.append(f"  {n:5d}  {reason}{more}")
-        if self.flagged:
-            lines.append(f"kept with issues {sum(self.flagged.values())}:")
-            for reason, n in sorted(self.flagged.items(), key=lambda kv: (-kv[1], kv[0])):
-                examples = self.flagged_items.get(reason, [])[:3]
-                more = f" (e.g. {', '.join(examples)})" if examples else ""
-                lines.append(f"  {n:5d}  {reason}{more}")
-        if self.duplicate_groups:
-            lines.append(f"exact duplicates: {len(self.duplicate_groups)} groups")
-            for group in self.duplicate_groups[:5]:
-                lines.append("  " + " == ".join(group))
-        if self.near_duplicate_pairs:
-            lines.append(f"near duplicates (perceptual hash): {len(self.near_duplicate_pairs)}")
-            for a, b, d in self.near_duplicate_pairs[:5]:
-                lines.append(f"  {a} ~ {b} (distance {d})")
-        for w in self.warnings:
-            lines.append(f"warning: {w}")
-        for n in self.notes:
-            lines.append(f"note: {n}")
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,13 +115,39 @@ def write_manifest(
             *box,
         ] + [r.extra.get(c, "") for c in columns[len(MANIFEST_COLUMNS) :]]
         writer.writerow(values)
-    atomic_write_text(out, buf.getvalue())
+    _write_near_duplicates(out, report)
+    atomic_write_text(out, buf.getvalue())  # last: the file later stages trust
     report.out = str(out)
     report.written = len(rows)
     report.labels = dict(Counter(r.label for r in rows))
     report.patients = len({r.patient_id for r in rows})
     report.boxes = sum(r.box is not None for r in rows)
     return out
+
+
+NEAR_COLUMNS = (*PAIR_COLUMNS, "action", "patient")
+
+
+def near_duplicates_path(manifest: Path) -> Path:
+    """Where the near-duplicate pairs of an imported manifest are listed."""
+    return manifest.with_name(f"{manifest.stem}.near_duplicates.csv")
+
+
+def _write_near_duplicates(out: Path, report: ImportReport) -> None:
+    """List the pairs next to the manifest; with the check off, remove a stale list of ours
+    (one left by an earlier import would describe another manifest)."""
+    path = near_duplicates_path(out)
+    if report.near_duplicates != "off":
+        atomic_write_text(path, pairs_csv_text(report.near_duplicate_pairs, NEAR_COLUMNS))
+        report.near_duplicates_csv = str(path)
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ours = fh.readline().rstrip("\n") == ",".join(NEAR_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return
+    if ours:
+        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,134 +293,11 @@ def apply_patient_map(
         )
 
 
-# --------------------------------------------------------------------------------------------
-# duplicates
-
-
-def pixel_hash(path: Path) -> str:
-    """SHA-256 of the decoded pixels (and shape): re-encoded copies still match."""
-    arr = np.ascontiguousarray(read_pixels(path))
-    h = hashlib.sha256()
-    h.update(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def dhash(path: Path, size: int = 8) -> int:
-    """Difference hash (64 bits): cheap perceptual hash for near-duplicate hints."""
-    from PIL import Image
-
-    arr = read_pixels(path).astype(np.float32)
-    im = Image.fromarray(arr).resize((size + 1, size), Image.Resampling.BILINEAR)
-    small = np.asarray(im)
-    bits = (small[:, 1:] > small[:, :-1]).ravel()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
-def handle_duplicates(
-    rows: list[Row],
-    policy: str,
-    report: ImportReport,
-    *,
-    near: bool = False,
-    near_threshold: int = 4,
-    name_of=lambda r: r.image.name,
-) -> list[Row]:
-    """Find pixel-identical images and apply the policy; returns the rows to keep.
-
-    Duplicates across patients leak between train and test folds, so the default ``group``
-    merges the patients holding copies into one (the first copy's id; copies stay, but all
-    land in one fold).
-    ``drop`` keeps only the first copy; ``warn`` only reports. Copies whose labels disagree
-    (BUSI has lesions in both its benign and malignant folders) carry no trustworthy label:
-    under ``group`` and ``drop`` they are all removed and reported.
-    Near duplicates (difference hash within ``near_threshold`` bits) are only reported:
-    ultrasound frames look alike, so a perceptual match is a hint, not proof.
-    """
-    if policy not in DUPLICATE_POLICIES:
-        raise UserError(f"--duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
-    hashes: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        try:
-            hashes.setdefault(pixel_hash(r.image), []).append(i)
-        except _ImageProblem:
-            continue  # the row's own image check reports unreadable files
-    drop: set[int] = set()
-    parent: dict[str, str] = {}  # union-find over patient ids joined by shared images
-
-    def root(pid: str) -> str:
-        while parent.get(pid, pid) != pid:
-            pid = parent[pid]
-        return pid
-
-    for idx in hashes.values():
-        if len(idx) < 2:
-            continue
-        group = [rows[i] for i in idx]
-        report.duplicate_groups.append([name_of(r) for r in group])
-        labels = {r.label for r in group}
-        if policy == "warn":
-            continue
-        if len(labels) > 1:
-            for i in idx:
-                drop.add(i)
-                report.skip(name_of(rows[i]), "exact duplicate with conflicting labels")
-            continue
-        if policy == "drop":
-            for i in idx[1:]:
-                drop.add(i)
-                report.skip(name_of(rows[i]), "exact duplicate (dropped; first copy kept)")
-        else:  # group: every patient holding a copy becomes one patient
-            first = root(group[0].patient_id)
-            for r in group[1:]:
-                other = root(r.patient_id)
-                if other != first:
-                    parent[other] = first
-    if parent:
-        for r in rows:
-            r.patient_id = root(r.patient_id)
-    if report.duplicate_groups:
-        report.warn(
-            f"{len(report.duplicate_groups)} group(s) of pixel-identical images (policy '{policy}')"
-        )
-    kept = [r for i, r in enumerate(rows) if i not in drop]
-    if near:
-        _near_duplicates(kept, report, near_threshold, name_of)
-    return kept
-
-
-def _near_duplicates(rows: list[Row], report: ImportReport, threshold: int, name_of) -> None:
-    codes: list[int] = []
-    names: list[str] = []
-    for r in rows:
-        try:
-            codes.append(dhash(r.image))
-            names.append(name_of(r))
-        except _ImageProblem:
-            continue
-    if len(codes) < 2:
-        return
-    # 64-bit codes as 8 bytes -> bit matrix; pairwise Hamming distance by XOR popcount.
-    exact = {name: gi for gi, g in enumerate(report.duplicate_groups) for name in g}
-    bits = np.unpackbits(np.array(codes, dtype=np.uint64).view(np.uint8).reshape(-1, 8), axis=1)
-    for i in range(len(codes) - 1):
-        dist = np.count_nonzero(bits[i + 1 :] != bits[i], axis=1)
-        for j in np.flatnonzero(dist <= threshold):
-            a, b = names[i], names[i + 1 + j]
-            if a in exact and exact.get(b) == exact[a]:
-                continue  # already reported as an exact duplicate
-            report.near_duplicate_pairs.append((a, b, int(dist[j])))
-    if report.near_duplicate_pairs:
-        report.warn(
-            f"{len(report.near_duplicate_pairs)} near-duplicate pair(s) by perceptual hash "
-            "(reported only; check them by eye)"
-        )
-
-
-def check_source_dir(source: Path, what: str) -> Path:
+def check_source_dir(source: Path, what: str, role: str = "SOURCE") -> Path:
+    """The folder an importer reads; ``role`` names it (SOURCE or an option)."""
     source = Path(source)
     if not source.exists():
-        raise UserError(f"{what}: SOURCE {source} does not exist")
+        raise UserError(f"{what}: {role} {source} does not exist")
     if not source.is_dir():
-        raise UserError(f"{what}: SOURCE {source} is not a folder")
+        raise UserError(f"{what}: {role} {source} is not a folder")
     return source

@@ -5,7 +5,8 @@ and left out. Images are PNG, JPEG, TIFF, BMP, PGM or DICOM, found at any depth 
 label folder. With ``mask_suffix`` (e.g. ``_mask``), ``x_mask.png`` and ``x_mask_1.png``
 are masks of ``x.<ext>`` in the same folder, and the image's box is the bounding box of
 their union. Patient id = file stem unless a mapping CSV (``image,patient_id``) is given.
-Pixel-identical images are handled by the duplicate policy as in the BUSI importer.
+Exact and near-duplicate images are handled as in the BUSI importer
+(``importers.duplicates``): by default each group of copies becomes one patient.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from breastfusion.importers.common import (
     _ImageProblem,
     apply_patient_map,
     check_source_dir,
-    handle_duplicates,
     image_dims,
     load_patient_map,
     masks_box,
     safe_id,
     write_manifest,
 )
+from breastfusion.importers.duplicates import handle_duplicates
 
 MODALITIES = ("DM", "US")
 
@@ -42,12 +43,14 @@ def import_folders(
     mask_suffix: str | None = None,
     patient_map: Path | None = None,
     duplicates: str = "group",
-    near_duplicates: bool = False,
+    near_duplicates: str = "group",
 ) -> ImportReport:
     """Write a manifest for ``source/<label>/...`` at ``out``; returns the report."""
     modality = modality.upper()
     if modality not in MODALITIES:
-        raise UserError(f"folders: --modality must be one of {', '.join(MODALITIES)}")
+        raise UserError(
+            f"folders: option 'modality' must be one of {', '.join(MODALITIES)} (got {modality!r})"
+        )
     root = check_source_dir(Path(source), "folders")
     label_dirs = {
         p.name.lower(): p

@@ -172,7 +172,9 @@ def import_mini_mias(
 ) -> ImportReport:
     """Write a DM manifest for mini-MIAS at ``out``; returns the report."""
     if normal not in NORMAL_POLICIES:
-        raise UserError(f"mini-mias: --normal must be one of {', '.join(NORMAL_POLICIES)}")
+        raise UserError(
+            f"mini-mias: option 'normal' must be one of {', '.join(NORMAL_POLICIES)} (got {normal!r})"
+        )
     source = Path(source)
     info = find_info(source)
     report = ImportReport(format="mini-mias", source=str(source))
