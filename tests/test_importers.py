@@ -623,3 +623,46 @@ def test_non_utf8_csv_inputs_are_user_errors(tmp_path):
     desc.write_bytes("patient_id,pathology\nJos\xe9,MALIGNANT\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"mass_case_description_train_set\.csv is not UTF-8"):
         cbis_ddsm._read_csv(desc, "mass", "train", {}, ImportReport("cbis-ddsm", str(tmp_path)))
+
+
+# --------------------------------------------------------------------------------------------
+# bad outputs: refused before anything is written
+
+
+def test_cli_import_refuses_unwritable_outputs_before_writing(busi, tmp_path, capsys):
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    code = main(["import", "busi", str(busi), "--out", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: cannot write {folder}: it is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a folder", "download"]
+    out = tmp_path / "m" / "busi.csv"
+    code = main(["import", "busi", str(busi), "--out", str(out), "--report-json", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(folder) in err and "Traceback" not in err
+    assert not out.parent.exists()  # the manifest is not written when its report cannot be
+
+
+def test_mini_mias_png_copies_never_replace_a_foreign_folder(mias, tmp_path, capsys):
+    out = tmp_path / "o" / "mias.csv"
+    foreign = out.parent / "mini-mias-png"
+    foreign.mkdir(parents=True)
+    (foreign / "precious.png").write_bytes(b"mine")
+    code = main(["import", "mini-mias", str(mias), "--out", str(out), "--convert-png"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"refusing to replace {foreign}" in err and "Traceback" not in err
+    assert sorted(p.name for p in foreign.iterdir()) == ["precious.png"] and not out.exists()
+
+
+def test_mini_mias_png_conversion_skips_truncated_film_and_reruns(mias, tmp_path):
+    data = (mias / "mdb005.pgm").read_bytes()
+    (mias / "mdb005.pgm").write_bytes(data[: len(data) // 2])  # header intact, pixels cut
+    out = tmp_path / "m" / "mias.csv"
+    report = import_mini_mias(mias, out, convert_png=True)
+    assert report.skipped["unreadable image"] == 1
+    assert report.read == report.written + report.n_skipped
+    pngs = sorted(p.name for p in (out.parent / "mini-mias-png").glob("*.png"))
+    assert pngs == ["mdb001.png", "mdb002.png", "mdb006.png"]
+    again = import_mini_mias(mias, out, convert_png=True)  # its own folder: replaced
+    assert again.written == report.written
+    load_manifest(out, check_images=True)

@@ -140,9 +140,9 @@ def import_busi(
         )
     report.notes.append(
         "BUSI has no patient ids: each image is its own patient unless option 'patient_map' "
-        "is given, and copies of one image (exact or near) are joined into one patient "
-        "unless options 'duplicates'/'near_duplicates' say otherwise; the published set "
-        "holds duplicates (Pawłowska et al. 2023)"
+        "is given; copies of one image (exact or near, see option 'near_duplicates') are "
+        "joined into one patient, as the published set holds duplicates (Pawłowska et al. "
+        "2023)"
     )
     write_manifest(rows, Path(out), report, extra_columns=["source_class"])
     return report

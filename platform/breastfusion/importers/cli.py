@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from breastfusion.errors import UserError
+from breastfusion.importers.common import check_output_file
 from breastfusion.importers.duplicates import DUPLICATE_POLICIES, NEAR_POLICIES
 from breastfusion.importers.report import ImportReport
 
@@ -183,6 +184,10 @@ def import_command(fmt: str, source: Path, out: Path, report_json: Path | None, 
         raise UserError(f"option(s) {', '.join(wrong)} do not apply to format {fmt}")
     if not source.exists():
         raise UserError(f"{fmt}: SOURCE {source} does not exist")
+    # Outputs that cannot be written are refused before any work (nothing half-written).
+    check_output_file(out)
+    if report_json is not None:
+        check_output_file(report_json)
     given = {k: v for k, v in options.items() if v is not None}
     try:
         report = run_import(fmt, source, out, **given)

@@ -23,7 +23,7 @@ import numpy as np
 from breastfusion.data.imaging import box_of, union_boxes  # noqa: F401 (re-exported)
 from breastfusion.data.manifest import BOX_COLUMNS, KNOWN_COLUMNS, LABELS  # noqa: F401
 from breastfusion.data.near_duplicates import PAIR_COLUMNS, pairs_csv_text
-from breastfusion.errors import UserError
+from breastfusion.errors import OutputError, UserError
 from breastfusion.importers.report import ImportReport
 from breastfusion.io import atomic_write_text, portable_path
 
@@ -95,8 +95,9 @@ def write_manifest(
             f"({report.n_skipped} skipped)",
             details=[f"{n} × {reason}" for reason, n in report.skipped.most_common()],
         )
-    harmonise_patient_labels(rows, report)
     out = Path(out)
+    check_output_file(out)
+    harmonise_patient_labels(rows, report)
     manifest_dir = out.parent if str(out.parent) else Path(".")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -126,6 +127,18 @@ def write_manifest(
 
 
 NEAR_COLUMNS = (*PAIR_COLUMNS, "action", "patient")
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse an output file that cannot be one, before anything is written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot create folder {path.parent}: {parent} is a file")
+            break
 
 
 def near_duplicates_path(manifest: Path) -> Path:

@@ -33,12 +33,13 @@ Choices made here:
   laterality R for odd, L for even numbers. The README does not state the view, so
   ``view`` stays empty.
 - the PGM files are referenced as they are (PIL reads PGM); ``convert_png=True`` writes
-  PNG copies under ``<manifest folder>/mini-mias-png/`` instead, for readers without PGM.
+  PNG copies under ``<manifest folder>/mini-mias-png/`` instead, for readers without PGM
+  (all at once with the manifest; an existing folder of that name is replaced only if an
+  earlier import wrote it).
 """
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,13 @@ from breastfusion.importers.common import (
     ImportReport,
     Row,
     _ImageProblem,
+    check_output_file,
     check_source_dir,
     image_dims,
     union_boxes,
     write_manifest,
 )
+from breastfusion.io import atomic_dir
 
 CLASSES = frozenset({"CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM", "NORM"})
 TISSUES = frozenset({"F", "G", "D"})
@@ -60,6 +63,7 @@ NORMAL_POLICIES = ("exclude", "benign")
 EXPECTED_SIZE = (1024, 1024)
 _REF = re.compile(r"^mdb(\d{3})$", re.IGNORECASE)
 _IMAGE_SUFFIXES = (".pgm", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
+_PNG_MARKER = ".breastfusion-mini-mias-png"
 
 
 @dataclass(frozen=True)
@@ -231,12 +235,11 @@ def import_mini_mias(
                 report.flag(ref, "abnormality without coordinates: no box")
         number = int(_REF.match(ref).group(1))  # type: ignore[union-attr]
         first = number if number % 2 == 1 else number - 1
-        path = _convert(image, png_dir) if convert_png else image
         rows.append(
             Row(
                 patient_id=f"mias_{first:03d}-{first + 1:03d}",
                 modality="DM",
-                image=path,
+                image=image,
                 label=label,
                 laterality="R" if number % 2 == 1 else "L",
                 box=box,
@@ -257,8 +260,33 @@ def import_mini_mias(
         "one row per film; patient = film pair (odd = right, even = left); "
         "boxes converted from MIAS's bottom-left origin"
     )
-    write_manifest(rows, out, report, extra_columns=["source_class", "tissue"])
+    columns = ["source_class", "tissue"]
+    if not convert_png:
+        write_manifest(rows, out, report, extra_columns=columns)
+        return report
+    check_output_file(out)
+    # The copies appear all at once, with the manifest, or not at all; a folder of that name
+    # that an earlier import did not write is refused, never replaced.
+    with atomic_dir(png_dir, owned_marker=_PNG_MARKER) as tmp:
+        rows = _convert_rows(rows, tmp, png_dir, report)
+        (tmp / _PNG_MARKER).write_text("PNG copies written by breastfusion import mini-mias\n")
+        write_manifest(rows, out, report, extra_columns=columns)
     return report
+
+
+def _convert_rows(rows: list[Row], tmp: Path, png_dir: Path, report: ImportReport) -> list[Row]:
+    """PNG copies in ``tmp``; rows then point to their final place in ``png_dir``."""
+    kept = []
+    for r in rows:
+        try:
+            name = _convert(r.image, tmp)
+        except (OSError, ValueError):  # PIL: truncated or undecodable pixel data
+            (tmp / f"{r.image.stem.lower()}.png").unlink(missing_ok=True)
+            report.skip(r.image.name, "unreadable image")
+            continue
+        r.image = png_dir / name
+        kept.append(r)
+    return kept
 
 
 def _index_images(source: Path) -> dict[str, Path]:
@@ -278,15 +306,11 @@ def _index_images(source: Path) -> dict[str, Path]:
     return found
 
 
-def _convert(image: Path, png_dir: Path) -> Path:
-    """Write an 8/16-bit grey PNG copy atomically (same pixels, lossless)."""
+def _convert(image: Path, folder: Path) -> str:
+    """Write an 8/16-bit grey PNG copy into ``folder`` (same pixels, lossless); its name."""
     from PIL import Image
 
-    from breastfusion.io import atomic_write_bytes
-
-    target = png_dir / f"{image.stem.lower()}.png"
+    name = f"{image.stem.lower()}.png"
     with Image.open(image) as im:
-        buf = io.BytesIO()
-        (im if im.mode in ("L", "I;16", "I") else im.convert("L")).save(buf, format="PNG")
-    atomic_write_bytes(target, buf.getvalue())
-    return target
+        (im if im.mode in ("L", "I;16", "I") else im.convert("L")).save(folder / name, "PNG")
+    return name
