@@ -409,6 +409,8 @@ def test_cli_allow_outside(folder, capsys):
     sub.mkdir()
     path = write(sub, HEADER, "p1,DM,../a.png,benign", "p1,US,../b.png,benign")
     assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --allow-outside to permit it" in err and "data.allow_outside" not in err
     assert main(["validate", str(path), "--allow-outside"]) == 0
     assert "valid" in capsys.readouterr().out
 

@@ -422,3 +422,41 @@ def test_split_command_names_flags_not_study_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert "at most 4 folds (--folds)" in err and "splits." not in err
+
+
+def test_split_command_allow_outside(tmp_path, capsys):
+    manifest = _write_manifest(tmp_path, n_benign=6, n_malignant=4)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    moved = sub / "manifest.csv"  # the same rows, now one folder below their images
+    moved.write_text(manifest.read_text().replace(",p0", ",../p0"))
+    out = tmp_path / "splits.json"
+    argv = ["split", str(moved), "--folds", "2", "--holdout", "0", "--out", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "via '..' (pass --allow-outside to permit it)" in err and not out.exists()
+    assert cli_main([*argv, "--allow-outside"]) == 0
+    assert json.loads(out.read_text())["n_patients"] == 10
+
+
+def test_validate_command_checks_a_splits_file(tmp_path, capsys):
+    manifest = _write_manifest(tmp_path, n_benign=6, n_malignant=4)
+    good = tmp_path / "splits.json"
+    assert (
+        cli_main(["split", str(manifest), "--folds", "2", "--holdout", "0", "--out", str(good)])
+        == 0
+    )
+    capsys.readouterr()
+    assert cli_main(["validate", str(manifest), "--splits", str(good)]) == 0
+    assert f"{good}: matches the manifest (2 folds, 0 holdout patients)" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    data = json.loads(good.read_text())
+    data["holdout"] = [data["folds"][0]["val"][0]]
+    bad.write_text(json.dumps(data))
+    assert cli_main(["validate", str(manifest), "--splits", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {bad}: splits do not match the manifest") and "Traceback" not in err
+    )
+    assert cli_main(["validate", str(manifest), "--pairs-csv", str(tmp_path / "p.csv")]) == 2
+    assert "--pairs-csv needs --near-duplicates" in capsys.readouterr().err
