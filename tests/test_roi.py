@@ -304,9 +304,10 @@ def test_crop_manifest_sources_geometry_and_fallbacks(cohort, tmp_path, fallback
     # DM files are hard-linked into the folder: relative paths, no '..', same bytes.
     dm_new = new[new["modality"] == "DM"]
     assert all(p.startswith("dm/") for p in dm_new["path"])
-    dm_old = df[df["modality"] == "DM"].set_index("row")
-    for row, p in zip(dm_new["row"] if "row" in dm_new else [], dm_new["path"], strict=False):
-        assert (out / p).read_bytes() == Path(dm_old.at[row, "abs_path"]).read_bytes()
+    dm_old = df[df["modality"] == "DM"].set_index("patient_id")  # one DM per patient
+    assert len(dm_new) == len(dm_old)
+    for pid, p in zip(dm_new["patient_id"], dm_new["path"], strict=True):
+        assert (out / p).read_bytes() == Path(dm_old.at[pid, "abs_path"]).read_bytes()
     assert not any(os.path.isabs(p) or ".." in p for p in new["path"])
     for _, r in us_new.iterrows():
         r = r.copy()

@@ -140,17 +140,17 @@ def train_detector(
     if weights is not None:
         overrides["weights"] = os.fspath(weights)
     s = (settings or DetectorTrainSettings()).replace(**overrides)
-    if holdout is None:
-        logger.warning(
-            "no splits given: the detector trains on every patient with boxes; crops of "
-            "any later holdout patients would come from a detector that has seen them"
-        )
     patients = plan_detector_patients(
         df, holdout or (), splits_used=holdout is not None, val_fraction=s.val_fraction, seed=s.seed
     )
     out = Path(out_dir).absolute()
     # Fails fast on a missing or unsafe weights file, before any export.
     model = load_yolo(s.weights, what="roi.train.weights", allow_yaml=True)
+    if holdout is None:
+        logger.warning(
+            "no splits given: the detector trains on every patient with boxes; crops of "
+            "any later holdout patients would come from a detector that has seen them"
+        )
     with build_dir(out, marker="metrics.json") as tmp:
         export = export_yolo_dataset(df, tmp / "dataset", patients)
         logger.info(

@@ -200,11 +200,15 @@ def ultralytics_version() -> str:
 # ---------------------------------------------------------------------------- safe loading
 
 
-def _first_line(exc: BaseException) -> str:
+def _reason(exc: BaseException, *names: str) -> str:
+    """The first sentence of a loader's message, without colour, prefixes or the file name
+    (the caller names the file) and without ultralytics' advice to download a model."""
     text = _StripAnsi._ANSI.sub("", str(exc)).strip()
-    text = re.sub(r"^(ERROR|WARNING)\W*", "", text)
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:300]
+    for name in sorted({n for n in names if n}, key=len, reverse=True):
+        text = text.replace(name, "the file")
+    text = re.sub(r"^(ERROR|WARNING)[^\w]*", "", text).strip()
+    sentence = re.split(r"(?<=[.!?])\s|\n", text, maxsplit=1)[0].rstrip(".") if text else ""
+    return (sentence or type(exc).__name__)[:300]
 
 
 def load_yolo(weights: str | os.PathLike | None, *, what: str, allow_yaml: bool = False) -> Any:
@@ -239,8 +243,10 @@ def load_yolo(weights: str | os.PathLike | None, *, what: str, allow_yaml: bool 
     try:
         return ul.YOLO(str(path.resolve()), task="detect")
     except Exception as exc:  # any failure to load a user's file is a problem with that file
+        reason = _reason(exc, str(path.resolve()), str(path), str(weights))
         raise UserError(
-            f"{what} {weights}: not a loadable YOLO checkpoint ({_first_line(exc)})"
+            f"{what} {weights}: not a YOLO checkpoint that can be loaded safely ({reason}); "
+            "nothing from the file was run"
         ) from None
 
 
