@@ -126,6 +126,15 @@ def test_flat_images_do_not_pair():
     assert nd.find_pairs(items, sigs) == []
 
 
+def test_mammograms_of_one_view_are_not_near_duplicates(synthetic_cohort, monkeypatch):
+    """The coarse hash sees silhouettes: distinct films of one view can match on it alone."""
+    df = load_manifest(synthetic_cohort)
+    assert nd.manifest_pairs(df) == []
+    monkeypatch.setattr(nd, "MAX_FINE_DISTANCE", 256)  # without the finer hash: 2 false pairs
+    coarse_only = nd.manifest_pairs(df)
+    assert coarse_only and all(p.fine_distance > 40 for p in coarse_only)
+
+
 def test_components_join_chains():
     groups = nd.components([("c", "d"), ("a", "b"), ("b", "e"), ("x", "x")])
     assert groups == [["a", "b", "e"], ["c", "d"], ["x"]]
@@ -163,6 +172,7 @@ def test_busi_groups_near_duplicates_by_default(busi_copies, tmp_path):
         "malignant/malignant (102).png",
     }
     assert all(float(p["correlation"]) > 0.99 and int(p["distance"]) <= 4 for p in pairs)
+    assert all(int(p["fine_distance"]) <= nd.MAX_FINE_DISTANCE for p in pairs)
     json.dumps(report.to_dict(), allow_nan=False)  # valid JSON: no NaN anywhere
     text = report.summary()
     assert "near duplicates across patients: 6 pair(s); 3 group(s) made one patient" in text
