@@ -235,7 +235,16 @@ class _CrossPairs:
     (a patient's pairs are contiguous, in manifest order)."""
 
     def __init__(self, ids: list[str], sub: pd.DataFrame):
-        by_patient = {p: g for p, g in sub.groupby("patient_id", sort=False)}
+        # One pass over plain columns (not a DataFrame filter per patient): linear in rows
+        # with a small constant, which keeps building large cohorts cheap.
+        images: dict[str, dict[str, list[str]]] = {p: {"DM": [], "US": []} for p in ids}
+        label: dict[str, int] = {}
+        columns = (sub["patient_id"], sub["modality"], sub["abs_path"].astype(str), sub["y"])
+        for p, mod, path, y in zip(*columns, strict=True):
+            if mod in ("DM", "US"):
+                images[p][mod].append(path)
+            # The manifest guarantees one label per patient; max() is robust to any table.
+            label[p] = max(label.get(p, 0), int(y))
         self.dm_paths: dict[str, int] = {}
         self.us_paths: dict[str, int] = {}
         pairs: list[tuple[int, int]] = []
@@ -244,15 +253,12 @@ class _CrossPairs:
         self.patients: list[str] = []
         self.excluded: dict[str, str] = {}
         for p in ids:
-            g = by_patient[p]
-            dm = g.loc[g["modality"] == "DM", "abs_path"].astype(str).tolist()
-            us = g.loc[g["modality"] == "US", "abs_path"].astype(str).tolist()
+            dm, us = images[p]["DM"], images[p]["US"]
             if not dm or not us:
                 self.excluded[p] = "no DM image" if not dm else "no US image"
                 continue
             self.patients.append(p)
-            # The manifest guarantees one label per patient; max() is robust to any table.
-            self.labels.append(int(g["y"].max()))
+            self.labels.append(label[p])
             self.counts.append(len(dm) * len(us))
             for d, u in product(dm, us):
                 dm_i = self.dm_paths.setdefault(d, len(self.dm_paths))
