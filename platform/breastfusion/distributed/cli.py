@@ -24,13 +24,40 @@ import click
     is_flag=True,
     help="Same code path, minutes: fold 0 only, <= 2 trials, 1 epoch, few patients.",
 )
+@click.option(
+    "--mlflow-uri",
+    default=None,
+    metavar="URI",
+    help="Also track the search in MLflow (e.g. sqlite:///mlflow.db): one run per trial.",
+)
 def search_command(
-    space_path: Path, manifest: Path, splits: Path, out: Path, resume: bool, debug: bool
+    space_path: Path,
+    manifest: Path,
+    splits: Path,
+    out: Path,
+    resume: bool,
+    debug: bool,
+    mlflow_uri: str | None,
 ) -> None:
-    """Search hyperparameters; each trial is one configuration scored over the K folds."""
+    """Search hyperparameters; each trial is one configuration scored over the K folds.
+
+    Ctrl-C (or SIGTERM) stops the trials and saves the search state (exit 130 / 143; a
+    second interrupt aborts at once); continue with the same command plus --resume.
+    """
+    from breastfusion import runs
     from breastfusion.distributed.search import search
 
-    summary = search(space_path, manifest, splits, out, resume=resume, debug=debug, echo=click.echo)
-    shown = summary.trials[["trial", "mean_auc", "std_auc", "folds_done", "status"]]
-    click.echo(shown.to_string(index=False))
-    click.echo(f"wrote {out / 'trials.csv'} and {out / 'best.json'}")
+    summary = search(
+        space_path,
+        manifest,
+        splits,
+        out,
+        resume=resume,
+        debug=debug,
+        echo=click.echo,
+        mlflow_uri=mlflow_uri,
+    )
+    cols = ["trial", "mean_auc", "std_auc", "folds_done", "status", "degenerate"]
+    click.echo(summary.trials[[c for c in cols if c in summary.trials]].to_string(index=False))
+    folder = runs.SearchDir(summary.out)
+    click.echo(f"wrote {folder.trials_path} and {folder.best_path}")

@@ -12,16 +12,15 @@ Ray-free; this module supplies its three touch points:
   same seeded permutation/weighted draw and keeps every N-th index, and validation loaders
   pass through untouched, so every rank scores the FULL validation set (identical AUCs, hence
   identical early-stopping decisions and no DDP hang);
-- ``callback``: one lagged ``ray.train.report`` per epoch (see ``search._FoldReporter``),
+- ``callback``: one lagged ``ray.train.report`` per epoch (``objective.FoldReporter``),
   relayed to Tune by ``_RelayToTune``.
 
 Every rank runs ``run_fold`` into a private temporary folder; only rank 0's outputs become the
-fold's checkpoint, which the trial copies into its own work folder.
+fold's checkpoint, which the trial copies into the fold's folder of the search.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -34,7 +33,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
+from breastfusion import runs
 from breastfusion.config import Config
+from breastfusion.distributed.objective import FoldReporter
 
 FINAL_KEY = "_fold_final"  # marks the worker report the trial turns into its own fold report
 
@@ -106,11 +107,11 @@ def fold_with_torchtrainer(
     *,
     workers: int,
     resources: dict[str, float],
-    done: dict[int, float],
+    finished: list[float],
     storage: Path,
-) -> tuple[float, dict[str, Any]]:
+) -> dict[str, Any]:
     """Train fold ``cfg.data.fold`` with DDP over ``workers`` processes (GPUs when
-    ``resources`` asks for them). Returns (fold AUC, the last epoch's fold-tagged row).
+    ``resources`` asks for them) into ``fold_dir``. Returns the last epoch's fold-tagged row.
 
     ``storage`` must be visible from every node (the experiment folder on shared storage):
     Ray Train uploads rank 0's checkpoint there and this process copies it back.
@@ -125,7 +126,7 @@ def fold_with_torchtrainer(
     try:
         trainer = TorchTrainer(
             _ddp_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "done": {str(k): v for k, v in done.items()}},
+            train_loop_config={"cfg": cfg.to_dict(), "finished": list(finished)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker
             ),
@@ -141,12 +142,25 @@ def fold_with_torchtrainer(
         if result.checkpoint is None:
             raise RuntimeError(f"fold {cfg.data.fold}: the DDP run reported no checkpoint")
         with result.checkpoint.as_directory() as d:
-            shutil.copytree(d, fold_dir, dirs_exist_ok=True)
+            _copy_fold(Path(d), fold_dir)
         last = {k: v for k, v in (result.metrics or {}).items() if k.startswith("fold")}
     finally:
         shutil.rmtree(storage / name, ignore_errors=True)
-    auc = json.loads((fold_dir / "metrics.json").read_text())["auc"]
-    return (math.nan if auc is None else float(auc)), last
+    return last
+
+
+def _copy_fold(src: Path, fold_dir: Path) -> None:
+    """Rank 0's outputs into the fold folder, ``metrics.json`` (the finished marker) last."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name == runs.FOLD_METRICS:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, fold_dir / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, fold_dir / item.name)
+    if (src / runs.FOLD_METRICS).is_file():
+        shutil.copy2(src / runs.FOLD_METRICS, fold_dir / runs.FOLD_METRICS)
 
 
 def _ddp_worker(loop_config: dict[str, Any]) -> None:
@@ -154,7 +168,6 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from breastfusion.distributed.search import _FoldReporter
     from breastfusion.engine.fold import run_fold
 
     # Ray Train workers log at INFO: every report and every epoch line of every rank would
@@ -162,14 +175,14 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
     for name in ("ray.train", "breastfusion"):
         logging.getLogger(name).setLevel(logging.WARNING)
     cfg = Config.from_dict(loop_config["cfg"])
-    done = {int(k): float(v) for k, v in loop_config["done"].items()}
+    finished = [float(v) for v in loop_config["finished"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out = Path(tempfile.mkdtemp(prefix=f"bf-rank{rank}-"))
     try:
         # Every rank calls report the same number of times (Train V2 synchronises reports):
         # the reporter's decisions depend only on the validation AUC, identical on all ranks.
-        reporter = _FoldReporter(cfg.data.fold, done, ray.train.report)
+        reporter = FoldReporter(cfg.data.fold, finished, ray.train.report)
         run_fold(
             cfg,
             out,
@@ -177,6 +190,7 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
             device=ray.train.torch.get_device(),
             prepare_model=ray.train.torch.prepare_model,
             prepare_loader=lambda loader: shard_training_loader(loader, rank, world),
+            progress=lambda line: None,
         )
         final = {**(reporter.pending or {}), FINAL_KEY: 1}
         if rank == 0:

@@ -7,10 +7,14 @@ fixed, what is searched and how::
     algorithm: optuna          # optuna | grid | random
     num_samples: 16            # trials (grid: repeats of the whole grid)
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}   # asha | median | none
+    #   fold_pruning: true     stop a configuration between folds once it cannot end within
+    #   fold_margin: 0.01      fold_margin of the best complete one (default: on unless none)
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}   # per trial; per worker when workers > 1
     workers: 1                    # > 1: each fold trains with Ray Train DDP
     max_failures: 2               # retries of a crashed trial
+    keep_checkpoints: best        # best: fold models of the chosen (and tied) trials only; all
+    fold_parallel: false          # true: a trial trains its K folds at once (resources per fold)
     folds: 5                      # optional: must match the splits file
     fixed:                        # dotted config keys (see breastfusion.config)
       data.modality: fusion
@@ -42,6 +46,8 @@ from breastfusion.io import sha256_json
 ALGORITHMS = ("optuna", "grid", "random")
 SCHEDULERS = ("asha", "median", "none")
 DOMAIN_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+KEEP_CHECKPOINTS = ("best", "all")
+_SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "fold_pruning", "fold_margin")
 _TOP_KEYS = (
     "name",
     "description",
@@ -52,6 +58,8 @@ _TOP_KEYS = (
     "resources",
     "workers",
     "max_failures",
+    "keep_checkpoints",
+    "fold_parallel",
     "seed",
     "folds",
     "fixed",
@@ -86,6 +94,8 @@ class SchedulerSpec:
     type: str = "asha"
     grace_period: int = 1
     reduction_factor: int = 2
+    fold_pruning: bool = True  # see distributed.objective.fold_pruning_verdict
+    fold_margin: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -102,10 +112,18 @@ class SearchSpace:
     fixed: dict[str, Any]
     domains: tuple[Domain, ...]
     source: dict[str, Any] = field(repr=False, default_factory=dict)
+    keep_checkpoints: str = "best"
+    fold_parallel: bool = False
 
     @property
     def searched_keys(self) -> list[str]:
         return [d.key for d in self.domains]
+
+    @property
+    def total_trials(self) -> int:
+        """How many trials the search runs (a grid: every point, ``num_samples`` times)."""
+        points = math.prod(len(d.values) for d in self.domains if d.kind == "grid")
+        return self.num_samples * points
 
     def fingerprint(self) -> str:
         return sha256_json(self.source)
@@ -158,6 +176,8 @@ class SearchSpace:
             fixed=fixed,
             domains=tuple(domains),
             source={**self.source, "debug": True},
+            keep_checkpoints=self.keep_checkpoints,
+            fold_parallel=self.fold_parallel,
         )
 
     def base_config(self, base: Config | None = None) -> Config:
@@ -212,22 +232,7 @@ def parse_space(raw: Any, *, default_name: str = "search") -> SearchSpace:
     if algorithm == "grid" and any(d.kind != "grid" for d in domains):
         bad = next(d.key for d in domains if d.kind != "grid")
         raise ConfigError(f"algorithm grid needs every domain to be a 'grid' ({bad!r} is not)")
-    sched_raw = raw.get("scheduler", {"type": "asha"})
-    if isinstance(sched_raw, str):
-        sched_raw = {"type": sched_raw}
-    if not isinstance(sched_raw, dict) or set(sched_raw) - {
-        "type",
-        "grace_period",
-        "reduction_factor",
-    }:
-        raise ConfigError("'scheduler' must be {type, grace_period, reduction_factor}")
-    scheduler = SchedulerSpec(
-        type=_one_of(sched_raw.get("type", "asha"), SCHEDULERS, "scheduler.type"),
-        grace_period=_int(sched_raw.get("grace_period", 1), "scheduler.grace_period", 1),
-        reduction_factor=_int(
-            sched_raw.get("reduction_factor", 2), "scheduler.reduction_factor", 2
-        ),
-    )
+    scheduler = _parse_scheduler(raw.get("scheduler", {"type": "asha"}))
     resources = raw.get("resources") or {"cpu": 1, "gpu": 0}
     if not isinstance(resources, dict) or set(resources) - {"cpu", "gpu"}:
         raise ConfigError("'resources' must be {cpu: N, gpu: N}")
@@ -250,9 +255,38 @@ def parse_space(raw: Any, *, default_name: str = "search") -> SearchSpace:
         fixed=copy.deepcopy(fixed),
         domains=domains,
         source=copy.deepcopy(raw),
+        keep_checkpoints=_one_of(
+            raw.get("keep_checkpoints", "best"), KEEP_CHECKPOINTS, "keep_checkpoints"
+        ),
+        fold_parallel=_bool(raw.get("fold_parallel", False), "fold_parallel"),
     )
+    if space.fold_parallel and space.workers > 1:
+        raise ConfigError(
+            "fold_parallel: true trains each fold in one process; it needs workers: 1 "
+            f"(got workers: {space.workers})"
+        )
     validate_against_config(space)
     return space
+
+
+def _parse_scheduler(raw: Any) -> SchedulerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict) or set(raw) - set(_SCHEDULER_KEYS):
+        unknown = sorted(set(raw) - set(_SCHEDULER_KEYS)) if isinstance(raw, dict) else []
+        what = f"unknown key 'scheduler.{unknown[0]}'; " if unknown else ""
+        raise ConfigError(f"{what}'scheduler' must be {{{', '.join(_SCHEDULER_KEYS)}}}")
+    kind = _one_of(raw.get("type", "asha"), SCHEDULERS, "scheduler.type")
+    margin = raw.get("fold_margin", SchedulerSpec.fold_margin)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+        raise ConfigError(f"scheduler.fold_margin: expected a number in [0, 1), got {margin!r}")
+    return SchedulerSpec(
+        type=kind,
+        grace_period=_int(raw.get("grace_period", 1), "scheduler.grace_period", 1),
+        reduction_factor=_int(raw.get("reduction_factor", 2), "scheduler.reduction_factor", 2),
+        fold_pruning=_bool(raw.get("fold_pruning", kind != "none"), "scheduler.fold_pruning"),
+        fold_margin=float(margin),
+    )
 
 
 def validate_against_config(space: SearchSpace, base: Config | None = None) -> None:
@@ -303,6 +337,12 @@ def _parse_domain(key: Any, raw: Any) -> Domain:
 def _one_of(value: Any, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
         raise ConfigError(f"{what}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}: expected true or false, got {value!r}")
     return value
 
 
