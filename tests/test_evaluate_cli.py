@@ -13,7 +13,10 @@ from sklearn.metrics import roc_auc_score
 
 from breastfusion.cli import main
 from breastfusion.errors import UserError
-from breastfusion.evaluate.cli import evaluate_command, evaluate_predictions
+from breastfusion.evaluate import stats as S
+from breastfusion.evaluate.calibration import sigmoid
+from breastfusion.evaluate.cli import evaluate_command
+from breastfusion.evaluate.holdout import evaluate_predictions
 
 
 def predictions(n=120, seed=0, models=("dm", "us", "fusion"), prefix="T", rows_per_patient=2):
@@ -135,8 +138,8 @@ def _write(tmp_path, df, name="p.csv"):
         (lambda d: d.assign(y_true=0), "has no malignant patient among its"),
         (lambda d: d.drop(columns="y_score"), "missing column(s) y_score"),
         (
-            lambda d: d.assign(y_score=d.y_score.where(d.index != 3, 1.2)),
-            "y_score outside [0, 1] at line 5",
+            lambda d: d.assign(y_score=d.y_score.where(d.index != 3, np.inf)),
+            "y_score is missing, NaN or not a number at line 5",
         ),
         (
             lambda d: d.assign(y_score=d.y_score.where(d.index != 0, np.nan)),
@@ -192,8 +195,15 @@ def test_target_without_validation(files):
     tmp, test, _ = files
     r = run([str(test), "--out", str(tmp / "o"), "--target-sensitivity", "0.9"])
     assert r.exit_code == 2 and "--target-sensitivity needs --threshold-from" in r.output
-    with pytest.raises(UserError, match="--target-sensitivity needs --threshold-from"):
+    # The library names its settings keys, never a flag.
+    with pytest.raises(UserError, match="^target_sensitivity needs validation predictions"):
         evaluate_predictions(predictions(n=20), target_sensitivity=0.9)
+    with pytest.raises(UserError, match="^final.target_sensitivity needs validation"):
+        evaluate_predictions(predictions(n=20), target_sensitivity=0.9, prefix="final")
+    with pytest.raises(UserError, match=r"^final.target_sensitivity must be in \(0, 1\]"):
+        evaluate_predictions(predictions(n=20), target_sensitivity=2.0, prefix="final")
+    with pytest.raises(UserError, match="^bootstrap must be at least 100"):
+        evaluate_predictions(predictions(n=20), n_boot=10)
 
 
 def test_validation_problems(files):
@@ -253,5 +263,101 @@ def test_missing_file_and_bad_options(tmp_path, files):
     assert r.exit_code == 2 and "nope.csv: predictions file not found" in r.output
     r = run([str(test), "--out", str(tmp_path / "o"), "--bootstrap", "10"])
     assert r.exit_code == 2 and "--bootstrap must be at least 100" in r.output
-    r = run([str(test), "--out", str(tmp_path / "o"), "--threshold", "1.5"])
-    assert r.exit_code == 2 and "--threshold must be in [0, 1]" in r.output
+    r = run([str(test), "--out", str(tmp_path / "o"), "--threshold", "nan"])
+    assert r.exit_code == 2 and "--threshold must be a finite number" in r.output
+
+
+def log_odds(n=120, seed=0, models=("dm", "fusion"), prefix="T", shift=0.0):
+    """Predictions as platform models write them: calibrated log-odds, any real number."""
+    df = predictions(n=n, seed=seed, models=models, prefix=prefix, rows_per_patient=1)
+    p = df["y_score"].to_numpy()
+    return df.assign(y_score=np.log(p) - np.log1p(-p) + shift)
+
+
+def test_log_odds_scores(tmp_path):
+    df = log_odds(shift=1.5)  # log-odds: many scores outside [0, 1]
+    result, scores = evaluate_predictions(df, n_boot=200)
+    assert result["settings"]["score_scale_used"] == "logit"
+    e = result["models"]["fusion"]
+    assert e["threshold"] == 0.0 and "default for logit" in e["threshold_source"]
+    assert e["threshold_probability"] == 0.5
+    g = scores[scores.model == "fusion"]
+    y, s = g["y_true"].to_numpy(), g["y_score"].to_numpy()
+    assert e["auc"]["value"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    # Brier and reliability on probabilities sigmoid(score); calibration slope on log-odds.
+    assert e["brier"]["value"] == pytest.approx(np.mean((sigmoid(s) - y) ** 2), abs=1e-12)
+    assert max(e["reliability"]["mean_predicted"]) <= 1.0
+    assert 0 < e["calibration"]["slope"] and e["calibration"]["intercept"] < 0  # shifted up
+    assert "log-odds" in result["method"]["score_scale"]
+    # Forcing the probability scale on log-odds is refused, naming the setting.
+    with pytest.raises(UserError, match="score_scale is probability, but .* outside"):
+        evaluate_predictions(df, n_boot=200, score_scale="probability")
+    # A threshold anywhere on the real line.
+    neg, _ = evaluate_predictions(df, n_boot=200, threshold=-2.5)
+    assert neg["models"]["dm"]["threshold"] == -2.5
+    low, default = neg["models"]["dm"], result["models"]["dm"]
+    assert low["sensitivity"]["value"] > default["sensitivity"]["value"]
+    assert low["specificity"]["value"] < default["specificity"]["value"]
+
+
+def test_full_precision_round_trip(tmp_path):
+    df = log_odds(n=200, seed=4)
+    df.loc[df.model == "dm", "y_score"] = np.random.default_rng(0).normal(size=200)  # no signal
+    out = tmp_path / "o"
+    r = CliRunner().invoke(
+        evaluate_command,
+        [
+            str(_write(tmp_path, df)),
+            "--out",
+            str(out),
+            "--bootstrap",
+            "100",
+            "--threshold",
+            "4.5e-7",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["models"]["dm"]["threshold"] == 4.5e-7
+    (c,) = data["comparisons"]
+    g = df.sort_values("patient_id")
+    ya = g[g.model == "dm"]["y_true"].to_numpy()
+    expected = S.delong_test(
+        ya, g[g.model == "dm"]["y_score"].to_numpy(), g[g.model == "fusion"]["y_score"].to_numpy()
+    )
+    assert c["p_value"] == expected.p_value and c["p_value"] < 1e-3  # exact, never rounded
+    assert c["se"] == expected.se
+    md = (out / "metrics.md").read_text()
+    assert "4.5e-07" in md and f"{expected.p_value:.3g}" in md
+    assert "at threshold 4.5e-07" in r.output
+    scores = pd.read_csv(out / "patient_scores.csv", dtype={"patient_id": str})
+    got = scores.set_index(["model", "patient_id"])["y_score"]
+    want = df.set_index(["model", "patient_id"])["y_score"]
+    assert (got.sort_index() == want.sort_index()).all()  # bit for bit
+
+
+def test_operating_point_warnings_and_achievable_points():
+    """A target reachable only by calling nearly everyone malignant is warned about."""
+    rng = np.random.default_rng(3)
+    val = log_odds(n=80, seed=1, prefix="V")
+    # The most suspicious-looking malignant validation patient scores below every benign one.
+    lowest = val.loc[val.y_true == 1].groupby("model").head(1).index
+    val.loc[lowest, "y_score"] = val["y_score"].min() - 1 - rng.random(len(lowest))
+    result, _ = evaluate_predictions(log_odds(), target_sensitivity=1.0, validation=val, n_boot=100)
+    for name, e in result["models"].items():
+        op = e["operating_point"]
+        assert op["validation"]["sensitivity"]["value"] == 1.0
+        assert op["warnings"] and "every benign score" in op["warnings"][0]
+        assert op["warnings"][0] in result["warnings"]
+        assert f"model {name}" in op["warnings"][0]
+        assert len(op["achievable"]) > 1
+        assert set(op["achievable"][0]) == {"threshold", "sensitivity", "specificity"}
+        assert op["threshold_probability"] == pytest.approx(float(sigmoid(op["threshold"])))
+    # A reachable target gives no warning.
+    fine, _ = evaluate_predictions(
+        log_odds(),
+        target_sensitivity=0.5,
+        validation=log_odds(n=80, seed=1, prefix="V"),
+        n_boot=100,
+    )
+    assert all(not e["operating_point"]["warnings"] for e in fine["models"].values())

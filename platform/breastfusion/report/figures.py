@@ -1,5 +1,6 @@
-"""Report figures as PNG bytes (matplotlib Agg): ROC with bootstrap bands, confusion matrices,
-fold comparison, reliability. Each function takes plain arrays/records, so the study runner
+"""Report figures as PNG bytes (matplotlib Agg): ROC with bootstrap bands and operating
+points, confusion matrices, fold comparison, reliability. The only module that imports
+matplotlib. Each function takes plain arrays/records, so the study runner
 or a notebook can call it without a study folder. No torch.
 
 PNG bytes are stable for the same inputs (no creation date in the metadata), which keeps a
@@ -132,34 +133,37 @@ def roc_figure(
     bands: Mapping[str, RocBand],
     title: str,
     auc_labels: Mapping[str, tuple[float, float, float]] | None = None,
+    points: Mapping[str, tuple[float, float, str]] | None = None,
 ) -> bytes:
-    """ROC curves with their bands; ``auc_labels[name] = (auc, low, high)`` replaces the
-    legend's AUC interval (e.g. the one a table reports from more resamples)."""
+    """One panel per model (bands never merge into one block): the ROC curve, its light
+    bootstrap band and, from ``points[name] = (1 - specificity, sensitivity, label)``, the
+    operating point. ``auc_labels[name] = (auc, low, high)`` replaces the panel's AUC
+    interval (e.g. the one a table reports from more resamples)."""
     plt = _plt()
-    auc_labels = auc_labels or {}
-    fig, ax = plt.subplots(figsize=(5.6, 5.2), dpi=DPI)
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    for i, (name, b) in enumerate(bands.items()):
+    auc_labels, points = auc_labels or {}, points or {}
+    n = max(1, len(bands))
+    fig, axes = plt.subplots(
+        1, n, figsize=(3.5 * n + 0.3, 4.2), dpi=DPI, squeeze=False, layout="constrained"
+    )
+    for i, (ax, (name, b)) in enumerate(zip(axes[0], bands.items(), strict=False)):
         color = f"C{i}"
         auc, lo, hi = auc_labels.get(name, (b.auc, b.auc_low, b.auc_high))
-        ax.fill_between(b.grid, b.tpr_low, b.tpr_high, step="post", color=color, alpha=0.18, lw=0)
-        ax.plot(
-            b.fpr,
-            b.tpr,
-            color=color,
-            lw=1.8,
-            label=f"{_txt(name)}: AUC {auc:.3f} ({lo:.3f}–{hi:.3f})",
-        )
-    ax.set(
-        xlim=(-0.01, 1.01),
-        ylim=(-0.01, 1.01),
-        xlabel="1 − specificity (false positive rate)",
-        ylabel="sensitivity (true positive rate)",
-        title=title,
-    )
-    ax.legend(loc="lower right", fontsize=8, title="shaded: 95% bootstrap band", title_fontsize=7)
-    ax.set_aspect("equal")
-    fig.tight_layout()
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+        ax.fill_between(b.grid, b.tpr_low, b.tpr_high, step="post", color=color, alpha=0.12, lw=0)
+        ax.plot(b.fpr, b.tpr, color=color, lw=1.8)
+        if name in points:
+            x, y, label = points[name]
+            ax.plot([x], [y], marker="o", ms=7, mfc="white", mec="black", mew=1.5, ls="none")
+            ax.annotate(
+                _txt(label), (x, y), xytext=(8, -14), textcoords="offset points", fontsize=7
+            )
+        ax.set_title(f"{_txt(name)}\nAUC {auc:.3f} ({lo:.3f}–{hi:.3f})", fontsize=9)
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 − specificity")
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.25)
+    axes[0][0].set_ylabel("sensitivity")
+    fig.suptitle(f"{_txt(title)} (shaded: pointwise 95% bootstrap band; o: operating point)",
+                 fontsize=9)  # fmt: skip
     return to_png(fig)
 
 
@@ -253,30 +257,53 @@ def fold_figure(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
 
 
 def calibration_figure(curves: Mapping[str, Mapping[str, Any]], title: str) -> bytes:
-    """Reliability diagram; ``curves[name]`` has ``mean_predicted``, ``fraction_positive``,
-    ``count`` (as ``metrics.reliability_curve``) and ``brier``."""
+    """Reliability diagram on malignancy probabilities; ``curves[name]`` has
+    ``mean_predicted``, ``fraction_positive``, ``count`` (as ``metrics.reliability_curve``),
+    ``brier`` and optionally ``slope``/``intercept`` (logistic recalibration)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 6.0), dpi=DPI)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     for i, (name, c) in enumerate(curves.items()):
         sizes = 12 + 60 * np.sqrt(np.asarray(c["count"], dtype=float) / max(1, max(c["count"])))
         ax.plot(c["mean_predicted"], c["fraction_positive"], color=f"C{i}", lw=1.4)
+        label = f"{_txt(name)} (Brier {c['brier']:.3f}"
+        if c.get("slope") is not None and math.isfinite(c["slope"]):
+            label += f", slope {c['slope']:.3g}, intercept {c['intercept']:.3g}"
         ax.scatter(
             c["mean_predicted"],
             c["fraction_positive"],
             s=sizes,
             color=f"C{i}",
-            label=f"{_txt(name)} (Brier {c['brier']:.3f})",
+            label=label + ")",
             zorder=3,
         )
     ax.set(
         xlim=(0, 1),
         ylim=(0, 1),
-        xlabel="mean predicted malignancy score (10 bins)",
+        xlabel="mean predicted malignancy probability (10 bins)",
         ylabel="observed fraction malignant",
-        title=title,
+        title=_txt(title),
     )
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=2)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, ncol=1)
     ax.set_aspect("equal")
     fig.tight_layout()
     return to_png(fig)
+
+
+def plot_reliability(result: Mapping[str, Any], path: Any) -> Any:
+    """``reliability.png`` of an evaluation (``metrics.json``): every model's reliability
+    curve, Brier score and calibration slope/intercept; written atomically."""
+    from breastfusion.io import atomic_write_bytes
+
+    curves = {}
+    for name, e in (result.get("models") or {}).items():
+        r, cal = e.get("reliability") or {}, e.get("calibration") or {}
+        curves[name] = {
+            "mean_predicted": r.get("mean_predicted") or [],
+            "fraction_positive": r.get("fraction_positive") or [],
+            "count": r.get("count") or [1],
+            "brier": (e.get("brier") or {}).get("value") or math.nan,
+            "slope": cal.get("slope"),
+            "intercept": cal.get("intercept"),
+        }
+    return atomic_write_bytes(path, calibration_figure(curves, "Reliability (patients)"))
