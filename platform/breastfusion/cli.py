@@ -51,10 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Refit the chosen configuration, evaluate once on the holdout, export, Grad-CAM.",
     ),
     "aggregate": (
-        "breastfusion.evaluate.aggregate:aggregate_command",
+        "breastfusion.evaluate.cli:aggregate_command",
         "Study tables and the best configuration from search folders.",
     ),
-    "report": ("breastfusion.report.html:report_command", "Self-contained HTML report of a study."),
+    "report": ("breastfusion.report.cli:report_command", "Self-contained HTML report of a study."),
     "import": (
         "breastfusion.importers.cli:import_command",
         "Import a public data set into a manifest.",
