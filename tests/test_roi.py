@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -442,14 +443,44 @@ urllib.request.urlopen = blocked("urlopen")
 import requests
 requests.Session.request = blocked("requests")
 argvs = json.loads(sys.argv[1])
+extra = {}
 if argvs == "bare-import":  # control: ultralytics imported without our set-up
     import ultralytics
     codes = []
 else:
     from breastfusion.cli import main
     codes = [main(argv) for argv in argvs]
+    if len(sys.argv) > 3:  # library code run after the commands, still offline
+        exec(sys.argv[3])
 with open(sys.argv[2], "w") as fh:
-    json.dump({"codes": codes, "attempts": attempts}, fh)
+    json.dump({"codes": codes, "attempts": attempts, "extra": extra}, fh)
+"""
+
+# predict's path: the study's detector bundle, then crop_image, on every US source image.
+_BUNDLE_CHECK = r"""
+import numpy as np, pandas as pd
+from pathlib import Path
+from PIL import Image
+from breastfusion.data.imaging import read_grey
+from breastfusion.roi.bundle import export_detector, load_detector
+from breastfusion.roi.geometry import crop_image, detector_image
+from breastfusion.roi.settings import CropSettings, DetectorTrainSettings
+det, crops, bundle = (Path(p) for p in json.loads(sys.argv[4]))
+export_detector(bundle, det / "weights" / "best.pt", DetectorTrainSettings(epochs=1, imgsz=64,
+                batch=4), CropSettings(conf=0.0001, fallback="whole"),
+                json.loads((det / "metrics.json").read_text()))
+detector, crop = load_detector(bundle)
+table = pd.read_csv(crops / "crops.csv")
+same, sources = 0, []
+for _, r in table.iterrows():
+    raw = read_grey(crops / r["source_path"])
+    array, info = crop_image(raw, detector([detector_image(raw)])[0], crop)
+    written = np.asarray(Image.open(crops / r["path"]))
+    window = tuple(int(v) for v in r[["roi_x0", "roi_y0", "roi_x1", "roi_y1"]])
+    same += bool(np.array_equal(array, written) and tuple(info["window"]) == window
+                 and info["roi_source"] == r["roi_source"])
+    sources.append(info["roi_source"])
+extra.update(same=same, n=len(table), sources=sources)
 """
 
 
@@ -516,8 +547,18 @@ def test_train_and_crop_offline_quiet_and_contained(tmp_path: Path) -> None:
     ]
     env = _offline_env(tmp_path)
     report = tmp_path / "report.json"
+    bundle = tmp_path / "bundle"
+    paths = json.dumps([str(det), str(crops), str(bundle)])
     proc = subprocess.run(
-        [sys.executable, "-c", _BLOCKED_RUNNER, json.dumps(argvs), str(report)],
+        [
+            sys.executable,
+            "-c",
+            _BLOCKED_RUNNER,
+            json.dumps(argvs),
+            str(report),
+            _BUNDLE_CHECK,
+            paths,
+        ],  # fmt: skip
         cwd=tmp_path / "cwd",
         env=env,
         capture_output=True,
@@ -573,6 +614,30 @@ def test_train_and_crop_offline_quiet_and_contained(tmp_path: Path) -> None:
     assert "US crops: 10 rows; detected" in proc.stdout
     for p in new["path"]:
         assert (crops / p).is_file()
+    # Progress: one plain line per epoch, no colour codes anywhere in non-terminal output.
+    assert re.search(r"^detector epoch 1/1  mAP50 \S+  mAP50-95 \S+  elapsed \d+:\d\d:\d\d  "
+                     r"eta 0:00:00$", proc.stdout, re.M), proc.stdout  # fmt: skip
+    assert "\x1b[" not in proc.stdout + proc.stderr
+    # predict reproduces the study's crops from the exported bundle, byte for byte.
+    extra = result["extra"]
+    assert extra["n"] == 10 and extra["same"] == 10, extra
+    assert set(extra["sources"]) <= {"detected", "fallback"}
+    assert sorted(p.name for p in bundle.iterdir()) == ["detector.json", "detector.pt"]
+    # Relocatable: nothing the detector folder stores names the temporary build folder (or
+    # any absolute path under the test folder), not even the pickled checkpoint.
+    root = str(tmp_path).encode()
+    for path in det.rglob("*"):
+        if path.is_file() and path.suffix not in {".pt", ".png"}:
+            assert root not in path.read_bytes(), path
+    with zipfile.ZipFile(det / "weights" / "best.pt") as z:
+        pickled = b"".join(z.read(n) for n in z.namelist() if n.endswith(".pkl"))
+    assert root not in pickled and b"dataset/data.yaml" in pickled
+    assert sorted(p.name for p in det.iterdir()) == ["dataset", "metrics.json", "weights", "yolo"]
+    assert sorted(p.name for p in (det / "yolo").iterdir()) == ["args.yaml", "results.csv"]
+    assert metrics["sources"] == {"manifest": "../cohort/manifest.csv", "splits": "../splits.json"}
+    assert metrics["settings"]["epochs"] == 1 and metrics["weights_file"] == "weights/best.pt"
+    for name in ("manifest.csv", "crops.csv", "roi_summary.json"):
+        assert root not in (crops / name).read_bytes(), name
 
 
 # ----------------------------------------------------------------------------------- slow

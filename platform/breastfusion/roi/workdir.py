@@ -5,9 +5,11 @@ swap in when complete, replace only a folder holding our marker file) with two m
 guarantees:
 
 - SIGTERM (``kill``, a batch scheduler, a container stop) and SIGHUP become
-  ``KeyboardInterrupt`` while the folder is being built, so the temporary folder, which for
-  ``roi train`` holds a full copy of the detector's data set, is removed as on Ctrl-C.
-  Only in the main thread, and only where nobody else installed a handler.
+  ``KeyboardInterrupt`` (SIGTERM: its subclass ``errors.Terminated``, exit 143 in the CLI)
+  while the folder is being built, so the temporary folder, which for ``roi train`` holds a
+  full copy of the detector's data set, is removed as on Ctrl-C. Only in the main thread,
+  and only where nobody else installed a handler (``cli.main`` installs its own for SIGTERM,
+  which does the same).
 - SIGKILL cannot be caught: each temporary folder holds an owner file (pid and host), and the
   next run for the same output removes temporary folders whose owner process is gone. Folders
   without our owner file are never touched.
@@ -26,11 +28,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from breastfusion.errors import Terminated
 from breastfusion.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
-OWNER_FILE = ".breastfusion-owner.json"
+# Not fsguard's ownership marker (``.breastfusion-owner.json``): this one marks a build in
+# progress and never reaches the finished folder.
+OWNER_FILE = ".breastfusion-build.json"
 
 
 def _alive(pid: int) -> bool:
@@ -65,7 +70,7 @@ def remove_stale(out_dir: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into ``KeyboardInterrupt`` for the duration of the block."""
+    """Turn SIGTERM/SIGHUP into ``Terminated``/``KeyboardInterrupt`` within the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -74,7 +79,10 @@ def terminate_as_interrupt() -> Iterator[None]:
         # A second signal must not interrupt the clean-up that this one starts.
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
-        raise KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM:
+            raise Terminated(f"terminated by {name}")
+        raise KeyboardInterrupt(f"terminated by {name}")
 
     previous: dict[signal.Signals, object] = {}
     for name in ("SIGTERM", "SIGHUP"):

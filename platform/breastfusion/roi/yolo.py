@@ -262,6 +262,10 @@ def sanitise_checkpoint(source: Path, dest: Path, base: Path) -> None:
 
     ckpt, _ = torch_safe_load(str(source), safe_only=True)
     ckpt["train_args"] = relativise(ckpt.get("train_args") or {}, base)
+    for key in ("model", "ema"):  # the network keeps its own copy of the run's arguments
+        model = ckpt.get(key)
+        if isinstance(getattr(model, "args", None), dict):
+            model.args = relativise(model.args, base)
     if isinstance(ckpt.get("git"), dict):
         ckpt["git"] = {k: v for k, v in ckpt["git"].items() if k != "root"}
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -323,14 +327,19 @@ class YoloDetector:
         self.work_dir = Path(work_dir or default_config_dir() / "runs").absolute()
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detection | None]:
-        if not images:
-            return []
-        arrays = [np.repeat(np.asarray(im, dtype=np.uint8)[..., None], 3, axis=2) for im in images]
+        """The best box per image, one image per forward pass: in a batch, ultralytics pads
+        images to a shape that depends on the other images (letterbox), and batched kernels
+        differ in the last bits, so a batched box would depend on its neighbours and
+        ``predict`` could not reproduce the study's crops."""
+        return [self._detect_one(im) for im in images]
+
+    def _detect_one(self, image: np.ndarray) -> Detection | None:
+        array = np.repeat(np.asarray(image, dtype=np.uint8)[..., None], 3, axis=2)
         kwargs: dict[str, Any] = dict(
             conf=self.conf,
             iou=self.iou,
             device=self.device,
-            batch=len(arrays),
+            batch=1,
             save=False,
             verbose=False,
             project=str(self.work_dir),
@@ -339,18 +348,13 @@ class YoloDetector:
         )
         if self.imgsz is not None:
             kwargs["imgsz"] = self.imgsz
-        results = self.model.predict(arrays, **kwargs)
-        found: list[Detection | None] = []
-        for r in results:
-            boxes = r.boxes
-            if boxes is None or len(boxes) == 0:
-                found.append(None)
-                continue
-            conf = boxes.conf.cpu().numpy()
-            best = int(np.argmax(conf))
-            x0, y0, x1, y1 = (float(v) for v in boxes.xyxy[best].cpu().numpy())
-            found.append(Detection(x0, y0, x1, y1, float(conf[best])))
-        return found
+        boxes = self.model.predict(array, **kwargs)[0].boxes
+        if boxes is None or len(boxes) == 0:
+            return None
+        conf = boxes.conf.cpu().numpy()
+        best = int(np.argmax(conf))
+        x0, y0, x1, y1 = (float(v) for v in boxes.xyxy[best].cpu().numpy())
+        return Detection(x0, y0, x1, y1, float(conf[best]))
 
 
 def __getattr__(name: str) -> Any:
