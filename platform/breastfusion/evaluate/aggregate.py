@@ -91,11 +91,6 @@ def aggregate(
         if settings.best_from is None
         else f"complete, non-degenerate {MODALITY_LABELS[settings.best_from]} trials"
     )
-    comparisons = [
-        c
-        for a, b in itertools.combinations([m for m in MODALITY_ORDER if m in best_by], 2)
-        if (c := cv.compare(MODALITY_LABELS[a], best_by[a], MODALITY_LABELS[b], best_by[b]))
-    ]
     result = AggregateResult(
         searches=searches,
         trials=trials,
@@ -105,7 +100,7 @@ def aggregate(
             m: best_record(t, rule, f"complete, non-degenerate {MODALITY_LABELS[m]} trials")
             for m, t in best_by.items()
         },
-        comparisons=comparisons,
+        comparisons=_compare(best_by),
         warnings=warnings,
         rule=rule,
         settings={**settings.to_dict(), "confidence_level": cv.LEVEL},
@@ -116,6 +111,16 @@ def aggregate(
     if out is not None:
         write_aggregate(result, Path(out))
     return result
+
+
+def _compare(best_by: Mapping[str, TrialResult]) -> list:
+    """Stratified paired DeLong tests between the modalities' best configurations."""
+    present = [m for m in MODALITY_ORDER if m in best_by]
+    return [
+        c
+        for a, b in itertools.combinations(present, 2)
+        if (c := cv.compare(MODALITY_LABELS[a], best_by[a], MODALITY_LABELS[b], best_by[b]))
+    ]
 
 
 def _read_all(

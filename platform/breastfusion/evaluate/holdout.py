@@ -205,16 +205,9 @@ def evaluate_predictions(
     scale = SC.resolve_scale(
         settings.score_scale, matrix, None if val is None else val["y_score"].to_numpy()
     )
-    if scale == SC.PROBABILITY and not ((matrix >= 0) & (matrix <= 1)).all():
-        outside = int(((matrix < 0) | (matrix > 1)).sum())
-        raise UserError(
-            f"{source}: {_key(prefix, 'score_scale', names)} is probability, but "
-            f"{outside} patient score(s) lie outside [0, 1] (log-odds? use logit or auto)"
-        )
+    _check_scale(scale, matrix, source, _key(prefix, "score_scale", names))
     ctx = _Context(settings, scale, S.stratified_counts(y, n_boot, seed), validation_source)
-    entries = {}
-    for i, model in enumerate(models):
-        entries[model] = _model_entry(ctx, model, y, matrix[i], val, warnings)
+    entries = {m: _model_entry(ctx, m, y, matrix[i], val, warnings) for i, m in enumerate(models)}
     for w in warnings:
         log.warning(w)
     result = {
@@ -230,6 +223,15 @@ def evaluate_predictions(
         "warnings": warnings,
     }
     return json_clean(result), scores
+
+
+def _check_scale(scale: str, matrix: np.ndarray, source: str, key: str) -> None:
+    if scale == SC.PROBABILITY and not ((matrix >= 0) & (matrix <= 1)).all():
+        outside = int(((matrix < 0) | (matrix > 1)).sum())
+        raise UserError(
+            f"{source}: {key} is probability, but {outside} patient score(s) lie outside "
+            "[0, 1] (log-odds? use logit or auto)"
+        )
 
 
 class _Context:
