@@ -125,8 +125,6 @@ def make_splits(
     dict (and bytes) on every machine. Errors name the study keys ``splits.folds``,
     ``splits.holdout`` and ``splits.seed``.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     folds, holdout, seed = _check_settings(folds, holdout, seed)
     labels = patient_labels(df)
     ids = np.asarray(labels.index, dtype=object)
@@ -138,37 +136,10 @@ def make_splits(
     _check_fold_counts(n_per_class, counts, folds, holdout)
     _check_holdout_counts(n_per_class, counts, folds, holdout)
 
-    # Holdout: a seeded permutation within each class (patients sorted by id first, so the
-    # input row order never matters).
-    rng = np.random.default_rng(seed)
-    holdout_ids: list[str] = []
-    if holdout > 0:
-        for c in (0, 1):
-            members = ids[y == c]
-            chosen = rng.permutation(len(members))[: counts[c]]
-            holdout_ids.extend(str(members[i]) for i in chosen)
+    holdout_ids = _choose_holdout(ids, y, counts, seed)
     holdout_set = set(holdout_ids)
-
     dev_mask = np.array([pid not in holdout_set for pid in ids])
-    dev_ids, dev_y = ids[dev_mask], y[dev_mask]
-
-    # One row per patient, grouped by patient: grouping is trivially satisfied, but keeps the
-    # contract explicit should anyone pass image rows here later.
-    sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    fold_list: list[dict[str, Any]] = []
-    for k, (_, val_idx) in enumerate(sgkf.split(dev_ids, dev_y, groups=dev_ids)):
-        val = sorted(str(dev_ids[i]) for i in val_idx)
-        n_mal = int(dev_y[val_idx].sum())
-        n_ben = len(val) - n_mal
-        if n_mal == 0 or n_ben == 0:
-            missing = "malignant" if n_mal == 0 else "benign"
-            raise SplitError(
-                f"fold {k} would hold no {missing} patient; use fewer folds (splits.folds) "
-                "or more patients"
-            )
-        fold_list.append(
-            {"val": val, "n_val": len(val), "n_val_malignant": n_mal, "n_val_benign": n_ben}
-        )
+    fold_list = _make_folds(ids[dev_mask], y[dev_mask], folds, seed)
 
     holdout_sorted = sorted(holdout_ids)
     n_hold_mal = int(labels.loc[holdout_sorted].sum()) if holdout_sorted else 0
@@ -188,6 +159,44 @@ def make_splits(
         "n_development": int(dev_mask.sum()),
         "folds": fold_list,
     }
+
+
+def _choose_holdout(ids: np.ndarray, y: np.ndarray, counts: dict[int, int], seed: int) -> list[str]:
+    """A seeded permutation within each class (ids sorted first: input row order never
+    matters); the first ``counts[c]`` patients of class ``c`` are held out."""
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    if sum(counts.values()) == 0:
+        return chosen
+    for c in (0, 1):
+        members = ids[y == c]
+        picked = rng.permutation(len(members))[: counts[c]]
+        chosen.extend(str(members[i]) for i in picked)
+    return chosen
+
+
+def _make_folds(dev_ids: np.ndarray, dev_y: np.ndarray, folds: int, seed: int) -> list[dict]:
+    """Stratified folds of the development patients, each with both classes."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    # One row per patient, grouped by patient: grouping is trivially satisfied, but keeps the
+    # contract explicit should anyone pass image rows here later.
+    sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_list: list[dict[str, Any]] = []
+    for k, (_, val_idx) in enumerate(sgkf.split(dev_ids, dev_y, groups=dev_ids)):
+        val = sorted(str(dev_ids[i]) for i in val_idx)
+        n_mal = int(dev_y[val_idx].sum())
+        n_ben = len(val) - n_mal
+        if n_mal == 0 or n_ben == 0:
+            missing = "malignant" if n_mal == 0 else "benign"
+            raise SplitError(
+                f"fold {k} would hold no {missing} patient; use fewer folds (splits.folds) "
+                "or more patients"
+            )
+        fold_list.append(
+            {"val": val, "n_val": len(val), "n_val_malignant": n_mal, "n_val_benign": n_ben}
+        )
+    return fold_list
 
 
 def _check_settings(folds: Any, holdout: Any, seed: Any) -> tuple[int, float, int]:
