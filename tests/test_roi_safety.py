@@ -194,10 +194,15 @@ def test_stale_folders_removed_only_when_ours_and_dead(tmp_path: Path) -> None:
 
 def test_build_dir_turns_sigterm_into_interrupt(tmp_path: Path) -> None:
     out = tmp_path / "o"
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated, match="SIGTERM"), build_dir(out, marker="m") as tmp:
-        (tmp / "big").write_text("x")
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # interrupted by the signal long before this ends
-    assert signal.getsignal(signal.SIGTERM) == before
+    outer = signal.getsignal(signal.SIGTERM)  # cli.main, run in-process by other tests, sets one
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as for a library caller
+    try:
+        with pytest.raises(Terminated, match="terminated by SIGTERM"):
+            with build_dir(out, marker="m") as tmp:
+                (tmp / "big").write_text("x")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # interrupted by the signal long before this ends
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, outer)
     assert list(tmp_path.iterdir()) == []

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from breastfusion.data.manifest import BOX_COLUMNS
 from breastfusion.errors import ConfigError, ManifestError, UserError
 from breastfusion.io import dumps_json
-from breastfusion.roi.crop import BOX_COLUMNS, row_box, safe_name, save_png
-from breastfusion.roi.geometry import to_uint8
+from breastfusion.roi.files import row_box, safe_name, save_png
+from breastfusion.roi.geometry import detector_image
 
 CLASS_NAME = "lesion"
 DETECTOR_POLICY: dict[str, str] = {
@@ -130,17 +131,51 @@ def yolo_label(box: Sequence[float], width: int, height: int) -> tuple[float, ..
     return ((x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height)
 
 
+def _label_lines(group: pd.DataFrame, width: int, height: int, abs_path: str) -> list[str]:
+    """One YOLO label line per manifest row of an image (full precision)."""
+    lines = []
+    for _, r in group.iterrows():
+        label = yolo_label(row_box(r), width, height)  # type: ignore[arg-type]
+        if label is None:
+            raise ManifestError(
+                f"row {int(r['row'])} (patient {r['patient_id']}): box "
+                f"{tuple(r[c] for c in BOX_COLUMNS)} lies outside the "
+                f"{width}x{height} image {abs_path}"
+            )
+        lines.append("0 " + " ".join(format(v, ".17g") for v in label))
+    return lines
+
+
+def _write_description(out: Path, patients: DetectorPatients) -> Path:
+    data_yaml = out / "data.yaml"
+    # No 'path:' key: ultralytics then resolves train/val against the yaml's own folder.
+    data_yaml.write_text(
+        "# YOLO data set exported by breastfusion roi train\n"
+        f"train: images/train\nval: images/val\nnc: 1\nnames:\n  0: {CLASS_NAME}\n",
+        encoding="utf-8",
+    )
+    record = {
+        "train": list(patients.train),
+        "val": list(patients.val),
+        "excluded_holdout": list(patients.excluded_holdout),
+        "splits_used": patients.splits_used,
+        "policy": DETECTOR_POLICY,
+    }
+    (out / "patients.json").write_text(dumps_json(record), encoding="utf-8")
+    return data_yaml
+
+
 def export_yolo_dataset(
     df: pd.DataFrame, out_dir: str | os.PathLike, patients: DetectorPatients
 ) -> ExportSummary:
     """Write ``images/{train,val}``, ``labels/{train,val}``, ``data.yaml`` and ``patients.json``.
 
-    Images are our reader's min-max normalised grey as 8-bit PNG, whatever the source format
-    (16-bit, DICOM, RGB), so the detector sees exactly what ``roi crop`` feeds it. Rows that
-    share an image (several lesions) become one image with several label lines. ``data.yaml``
-    uses paths relative to itself, so the folder can be moved.
+    Images are what the detector sees at crop time (``geometry.detector_image``: our reader's
+    min-max normalised grey as 8-bit PNG, whatever the source format: 16-bit, DICOM, RGB).
+    Rows that share an image (several lesions) become one image with several label lines.
+    ``data.yaml`` uses paths relative to itself, so the folder can be moved.
     """
-    from breastfusion.data.imaging import load_normalised
+    from breastfusion.data.imaging import read_grey
 
     out = Path(out_dir)
     rows = box_rows(df)
@@ -159,41 +194,16 @@ def export_yolo_dataset(
         part = where.get(pids.pop())
         if part is None:  # holdout patient, or not planned
             continue
-        first = group.sort_values("row").iloc[0]
-        image = to_uint8(load_normalised(abs_path))
-        height, width = image.shape
-        lines = []
-        for _, r in group.sort_values("row").iterrows():
-            label = yolo_label(row_box(r), width, height)  # type: ignore[arg-type]
-            if label is None:
-                raise ManifestError(
-                    f"row {int(r['row'])} (patient {r['patient_id']}): box "
-                    f"{tuple(r[c] for c in BOX_COLUMNS)} lies outside the "
-                    f"{width}x{height} image {abs_path}"
-                )
-            lines.append("0 " + " ".join(f"{v:.6f}" for v in label))
-        stem = f"{safe_name(first['patient_id'])}_r{int(first['row'])}"
+        group = group.sort_values("row")
+        image = detector_image(read_grey(abs_path), source=str(abs_path))
+        lines = _label_lines(group, image.shape[1], image.shape[0], str(abs_path))
+        stem = f"{safe_name(group.iloc[0]['patient_id'])}_r{int(group.iloc[0]['row'])}"
         save_png(image, out / "images" / part / f"{stem}.png")
         (out / "labels" / part / f"{stem}.txt").write_text("\n".join(lines) + "\n")
         n_images[part] += 1
         n_boxes[part] += len(lines)
-    data_yaml = out / "data.yaml"
-    # No 'path:' key: ultralytics then resolves train/val against the yaml's own folder.
-    data_yaml.write_text(
-        "# YOLO data set exported by breastfusion roi train\n"
-        f"train: images/train\nval: images/val\nnc: 1\nnames:\n  0: {CLASS_NAME}\n",
-        encoding="utf-8",
-    )
-    record = {
-        "train": list(patients.train),
-        "val": list(patients.val),
-        "excluded_holdout": list(patients.excluded_holdout),
-        "splits_used": patients.splits_used,
-        "policy": DETECTOR_POLICY,
-    }
-    (out / "patients.json").write_text(dumps_json(record), encoding="utf-8")
     return ExportSummary(
-        data_yaml,
+        _write_description(out, patients),
         n_images,
         n_boxes,
         {"train": len(patients.train), "val": len(patients.val)},

@@ -23,8 +23,14 @@ from typing import Any
 import pandas as pd
 
 from breastfusion.io import dumps_json
-from breastfusion.roi.crop import relative_ref
-from breastfusion.roi.dataset import DETECTOR_POLICY, export_yolo_dataset, plan_detector_patients
+from breastfusion.roi.dataset import (
+    DETECTOR_POLICY,
+    DetectorPatients,
+    ExportSummary,
+    export_yolo_dataset,
+    plan_detector_patients,
+)
+from breastfusion.roi.files import relative_ref
 from breastfusion.roi.settings import DetectorTrainSettings
 from breastfusion.roi.workdir import build_dir
 from breastfusion.roi.yolo import load_yolo, relativise, sanitise_checkpoint, ultralytics_version
@@ -107,6 +113,15 @@ def _log_progress(p: EpochProgress) -> None:
     logger.info("%s", format_progress(p))
 
 
+def _settings(
+    settings: DetectorTrainSettings | None, weights: str | os.PathLike | None, **overrides: Any
+) -> DetectorTrainSettings:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if weights is not None:
+        given["weights"] = os.fspath(weights)
+    return (settings or DetectorTrainSettings()).replace(**given)
+
+
 def train_detector(
     df: pd.DataFrame,
     out_dir: str | os.PathLike,
@@ -134,12 +149,8 @@ def train_detector(
     input files for the record (stored relative to ``out_dir``). ``progress`` is called once
     per epoch (default: an INFO log line). Returns the metrics dict.
     """
-    overrides = dict(epochs=epochs, imgsz=imgsz, batch=batch, seed=seed,
-                     val_fraction=val_fraction, patience=patience)  # fmt: skip
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if weights is not None:
-        overrides["weights"] = os.fspath(weights)
-    s = (settings or DetectorTrainSettings()).replace(**overrides)
+    s = _settings(settings, weights, epochs=epochs, imgsz=imgsz, batch=batch, seed=seed,
+                  val_fraction=val_fraction, patience=patience)  # fmt: skip
     patients = plan_detector_patients(
         df, holdout or (), splits_used=holdout is not None, val_fraction=s.val_fraction, seed=s.seed
     )
@@ -164,46 +175,70 @@ def train_detector(
         )
         for event, fn in _progress_callbacks(s.epochs, progress or _log_progress).items():
             model.add_callback(event, fn)
-        result = model.train(
-            data=str(export.data_yaml),
-            epochs=s.epochs,
-            imgsz=s.imgsz,
-            batch=s.batch,
-            seed=s.seed,
-            deterministic=True,
-            device=device,
-            workers=workers,
-            amp=False,
-            patience=s.patience,
-            plots=plots,
-            project=str(tmp),
-            name="yolo",
-            exist_ok=True,
-            verbose=False,
-            flipud=0.5,  # the study enlarged its US training set x4 with both flips
-            single_cls=True,
-        )
+        result = _fit(model, s, export.data_yaml, tmp, device=device, workers=workers, plots=plots)
         trainer = model.trainer
         _tidy(tmp, Path(trainer.best if Path(trainer.best).is_file() else trainer.last))
         metrics = {
             **_metrics(result, trainer),
-            "n_images": export.n_images,
-            "n_boxes": export.n_boxes,
-            "n_patients": {
-                **export.n_patients,
-                "excluded_holdout": len(patients.excluded_holdout),
-            },
-            "evaluated_on": "detector-validation slice of development patients (see policy)",
-            "policy": DETECTOR_POLICY,
-            "splits_used": patients.splits_used,
-            "settings": s.to_dict() | {"weights": _ref(s.weights, out)},
+            **_record(export, patients, s, out, source),
             "runtime": {"device": str(trainer.device), "workers": workers},
-            "ultralytics_version": ultralytics_version(),
-            "weights_file": "weights/best.pt",
-            "sources": {k: _ref(v, out) for k, v in (source or {}).items()},
         }
         (tmp / "metrics.json").write_text(dumps_json(metrics), encoding="utf-8")
     return metrics
+
+
+def _record(
+    export: ExportSummary,
+    patients: DetectorPatients,
+    s: DetectorTrainSettings,
+    out: Path,
+    source: dict[str, str | os.PathLike] | None,
+) -> dict[str, Any]:
+    """What metrics.json says besides the scores: data, policy, settings, provenance."""
+    return {
+        "n_images": export.n_images,
+        "n_boxes": export.n_boxes,
+        "n_patients": {**export.n_patients, "excluded_holdout": len(patients.excluded_holdout)},
+        "evaluated_on": "detector-validation slice of development patients (see policy)",
+        "policy": DETECTOR_POLICY,
+        "splits_used": patients.splits_used,
+        "settings": s.to_dict() | {"weights": _ref(s.weights, out)},
+        "ultralytics_version": ultralytics_version(),
+        "weights_file": "weights/best.pt",
+        "sources": {k: _ref(v, out) for k, v in (source or {}).items()},
+    }
+
+
+def _fit(
+    model: Any,
+    s: DetectorTrainSettings,
+    data_yaml: Path,
+    tmp: Path,
+    *,
+    device: str | None,
+    workers: int,
+    plots: bool,
+) -> Any:
+    """ultralytics' training, its run folder inside ``tmp`` (never ``./runs``)."""
+    return model.train(
+        data=str(data_yaml),
+        epochs=s.epochs,
+        imgsz=s.imgsz,
+        batch=s.batch,
+        seed=s.seed,
+        deterministic=True,
+        device=device,
+        workers=workers,
+        amp=False,  # its AMP check would download a model on GPUs
+        patience=s.patience,
+        plots=plots,
+        project=str(tmp),
+        name="yolo",
+        exist_ok=True,
+        verbose=False,
+        flipud=0.5,  # the study enlarged its US training set x4 with both flips
+        single_cls=True,
+    )
 
 
 def _ref(path: str | os.PathLike | None, out: Path) -> str | None:
