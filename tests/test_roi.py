@@ -398,7 +398,8 @@ def test_crop_never_replaces_a_folder_it_did_not_write(cohort, tmp_path) -> None
 
 def test_crop_module_stays_light() -> None:
     code = (
-        "import sys, breastfusion.roi.crop, breastfusion.roi.cli;"
+        "import sys, breastfusion.roi.crop, breastfusion.roi.cli, breastfusion.roi.bundle,"
+        " breastfusion.roi.train, breastfusion.roi.yolo, breastfusion.roi.settings;"
         "bad = [m for m in ('torch', 'ultralytics', 'ray') if m in sys.modules];"
         "sys.exit(str(bad) if bad else 0)"
     )
