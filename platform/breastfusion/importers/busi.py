@@ -92,39 +92,7 @@ def import_busi(
         if not folder.is_dir():
             report.warn(f"no {cls}/ folder in {root}")
             continue
-        images, masks = _scan_class(folder, report)
-        for stem, image in sorted(images.items(), key=lambda kv: _natural(kv[0])):
-            report.read += 1
-            item = f"{cls}/{image.name}"
-            own_masks = masks.pop(stem, [])  # normal/ masks are empty by design: ignored
-            if cls == "normal" and normal == "exclude":
-                report.skip(item, "normal image (no lesion; excluded by default)")
-                continue
-            try:
-                size = image_dims(image)
-            except _ImageProblem:
-                report.skip(item, "unreadable image")
-                continue
-            box = None
-            if cls != "normal":
-                box, problem = masks_box(own_masks, size)
-                if problem:
-                    report.flag(item, problem)
-            label = "benign" if cls == "normal" else cls
-            rows.append(
-                Row(
-                    patient_id=f"busi_{safe_id(stem)}",
-                    modality="US",
-                    image=image,
-                    label=label,
-                    box=box,
-                    extra={"source_class": cls},
-                )
-            )
-        for _stem, orphan in sorted(masks.items()):
-            for m in orphan:
-                report.read += 1
-                report.skip(f"{cls}/{m.name}", "mask without its image")
+        rows += _class_rows(folder, cls, normal, report)
     apply_patient_map(rows, mapping, root, report)
     rows = handle_duplicates(
         rows,
@@ -146,6 +114,45 @@ def import_busi(
     )
     write_manifest(rows, Path(out), report, extra_columns=["source_class"])
     return report
+
+
+def _class_rows(folder: Path, cls: str, normal: str, report: ImportReport) -> list[Row]:
+    """The rows of one class folder (boxes from its masks); skips reported."""
+    rows = []
+    images, masks = _scan_class(folder, report)
+    for stem, image in sorted(images.items(), key=lambda kv: _natural(kv[0])):
+        report.read += 1
+        item = f"{cls}/{image.name}"
+        own_masks = masks.pop(stem, [])  # normal/ masks are empty by design: ignored
+        if cls == "normal" and normal == "exclude":
+            report.skip(item, "normal image (no lesion; excluded by default)")
+            continue
+        try:
+            size = image_dims(image)
+        except _ImageProblem:
+            report.skip(item, "unreadable image")
+            continue
+        box = None
+        if cls != "normal":
+            box, problem = masks_box(own_masks, size)
+            if problem:
+                report.flag(item, problem)
+        label = "benign" if cls == "normal" else cls
+        rows.append(
+            Row(
+                patient_id=f"busi_{safe_id(stem)}",
+                modality="US",
+                image=image,
+                label=label,
+                box=box,
+                extra={"source_class": cls},
+            )
+        )
+    for _stem, orphan in sorted(masks.items()):
+        for m in orphan:
+            report.read += 1
+            report.skip(f"{cls}/{m.name}", "mask without its image")
+    return rows
 
 
 def _scan_class(
