@@ -199,56 +199,9 @@ def import_mini_mias(
     mixed = []
     for ref in sorted(by_ref):
         report.read += 1
-        items = by_ref[ref]
-        image = images.get(ref)
-        if image is None:
-            report.skip(ref, "listed in Info.txt but no image file")
-            continue
-        lesions = [a for a in items if a.cls != "NORM"]
-        if not lesions:
-            if normal == "exclude":
-                report.skip(ref, "NORM film (no severity; excluded by default)")
-                continue
-            label, carriers = "benign", []
-        else:
-            if any(a.severity is None for a in lesions):
-                report.skip(ref, "abnormality without severity")
-                continue
-            severities = {a.severity for a in lesions}
-            if severities == {"B", "M"}:
-                mixed.append(ref)
-            label = "malignant" if "M" in severities else "benign"
-            want = "M" if label == "malignant" else "B"
-            carriers = [a for a in lesions if a.severity == want]
-        try:
-            width, height = image_dims(image)
-        except _ImageProblem:
-            report.skip(image.name, "unreadable image")
-            continue
-        if (width, height) != EXPECTED_SIZE:
-            report.flag(image.name, f"not {EXPECTED_SIZE[0]}x{EXPECTED_SIZE[1]} as published")
-        box = None
-        if carriers:
-            if all(a.has_coordinates for a in carriers):
-                box = union_boxes(circle_box(a, width, height) for a in carriers)
-            else:
-                report.flag(ref, "abnormality without coordinates: no box")
-        number = int(_REF.match(ref).group(1))  # type: ignore[union-attr]
-        first = number if number % 2 == 1 else number - 1
-        rows.append(
-            Row(
-                patient_id=f"mias_{first:03d}-{first + 1:03d}",
-                modality="DM",
-                image=image,
-                label=label,
-                laterality="R" if number % 2 == 1 else "L",
-                box=box,
-                extra={
-                    "source_class": ";".join(sorted({a.cls for a in items})),
-                    "tissue": items[0].tissue,
-                },
-            )
-        )
+        row = _film_row(ref, by_ref[ref], images.get(ref), normal, mixed, report)
+        if row is not None:
+            rows.append(row)
     if mixed:
         report.warn(
             f"{len(mixed)} film(s) list benign and malignant abnormalities; labelled "
@@ -272,6 +225,60 @@ def import_mini_mias(
         (tmp / _PNG_MARKER).write_text("PNG copies written by breastfusion import mini-mias\n")
         write_manifest(rows, out, report, extra_columns=columns)
     return report
+
+
+def _film_row(
+    ref: str,
+    items: list[Abnormality],
+    image: Path | None,
+    normal: str,
+    mixed: list[str],
+    report: ImportReport,
+) -> Row | None:
+    """The row of one film (label from its most severe finding, box from its circles)."""
+    if image is None:
+        report.skip(ref, "listed in Info.txt but no image file")
+        return None
+    lesions = [a for a in items if a.cls != "NORM"]
+    if not lesions:
+        if normal == "exclude":
+            report.skip(ref, "NORM film (no severity; excluded by default)")
+            return None
+        label, carriers = "benign", []
+    else:
+        if any(a.severity is None for a in lesions):
+            report.skip(ref, "abnormality without severity")
+            return None
+        severities = {a.severity for a in lesions}
+        if severities == {"B", "M"}:
+            mixed.append(ref)
+        label = "malignant" if "M" in severities else "benign"
+        want = "M" if label == "malignant" else "B"
+        carriers = [a for a in lesions if a.severity == want]
+    try:
+        width, height = image_dims(image)
+    except _ImageProblem:
+        report.skip(image.name, "unreadable image")
+        return None
+    if (width, height) != EXPECTED_SIZE:
+        report.flag(image.name, f"not {EXPECTED_SIZE[0]}x{EXPECTED_SIZE[1]} as published")
+    box = None
+    if carriers:
+        if all(a.has_coordinates for a in carriers):
+            box = union_boxes(circle_box(a, width, height) for a in carriers)
+        else:
+            report.flag(ref, "abnormality without coordinates: no box")
+    number = int(_REF.match(ref).group(1))  # type: ignore[union-attr]
+    first = number if number % 2 == 1 else number - 1
+    return Row(
+        patient_id=f"mias_{first:03d}-{first + 1:03d}",
+        modality="DM",
+        image=image,
+        label=label,
+        laterality="R" if number % 2 == 1 else "L",
+        box=box,
+        extra={"source_class": ";".join(sorted({a.cls for a in items})), "tissue": items[0].tissue},
+    )
 
 
 def _convert_rows(rows: list[Row], tmp: Path, png_dir: Path, report: ImportReport) -> list[Row]:
