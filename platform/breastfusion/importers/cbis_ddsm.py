@@ -175,41 +175,16 @@ def import_cbis_ddsm(
     conflicts: list[str] = []
     patient_splits: dict[str, set[str]] = defaultdict(set)
     for key in sorted(groups):
-        members = sorted(groups[key], key=lambda m: m.key)
         report.read += 1
-        labels = set().union(*(m.labels for m in members))
-        resolved, reasons = None, []
-        for m in members:
-            file, reason = index.resolve(m.csv_path)
-            if file is not None:
-                resolved = file
-                break
-            reasons.append(reason)
-        name = members[0].key
-        if resolved is None:
-            report.skip(name, f"unresolved image path: {reasons[0]}")
+        members = sorted(groups[key], key=lambda m: m.key)
+        made = _view_row(members, index, report)
+        if made is None:
             continue
+        row, labels, splits = made
         if len(labels) > 1:
-            conflicts.append(name)
-        label = "malignant" if "malignant" in labels else "benign"
-        splits = set().union(*(m.splits for m in members))
-        patient_splits[members[0].patient_id] |= splits
-        rows.append(
-            Row(
-                patient_id=members[0].patient_id,
-                modality="DM",
-                image=resolved,
-                label=label,
-                view=members[0].view,
-                laterality=members[0].laterality,
-                extra={
-                    "source_split": "+".join(sorted(splits, reverse=True)),
-                    "abnormality_type": "+".join(sorted(set().union(*(m.kinds for m in members)))),
-                    "abnormalities": str(sum(m.abnormalities for m in members)),
-                    "source_image": ";".join(m.key for m in members),
-                },
-            )
-        )
+            conflicts.append(members[0].key)
+        patient_splits[row.patient_id] |= splits
+        rows.append(row)
     if conflicts:
         report.warn(
             f"{len(conflicts)} image(s) with benign and malignant abnormalities: labelled "
@@ -232,6 +207,40 @@ def import_cbis_ddsm(
         extra_columns=["source_split", "abnormality_type", "abnormalities", "source_image"],
     )
     return report
+
+
+def _view_row(
+    members: list[_Image], index: DicomIndex, report: ImportReport
+) -> tuple[Row, set[str], set[str]] | None:
+    """(row, labels, source splits) for the CSV images merged into one view (the first
+    resolvable file is used), or None when no file resolves (a skip)."""
+    resolved, reasons = None, []
+    for m in members:
+        file, reason = index.resolve(m.csv_path)
+        if file is not None:
+            resolved = file
+            break
+        reasons.append(reason)
+    if resolved is None:
+        report.skip(members[0].key, f"unresolved image path: {reasons[0]}")
+        return None
+    labels = set().union(*(m.labels for m in members))
+    splits = set().union(*(m.splits for m in members))
+    row = Row(
+        patient_id=members[0].patient_id,
+        modality="DM",
+        image=resolved,
+        label="malignant" if "malignant" in labels else "benign",
+        view=members[0].view,
+        laterality=members[0].laterality,
+        extra={
+            "source_split": "+".join(sorted(splits, reverse=True)),
+            "abnormality_type": "+".join(sorted(set().union(*(m.kinds for m in members)))),
+            "abnormalities": str(sum(m.abnormalities for m in members)),
+            "source_image": ";".join(m.key for m in members),
+        },
+    )
+    return row, labels, splits
 
 
 def _read_csv(
