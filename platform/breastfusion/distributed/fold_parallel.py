@@ -95,7 +95,8 @@ def run_folds_at_once(
             _drain(inbox, latest)
             live = list(running.values())
             epoch = min((latest.get(k, {}).get("epoch", 0) for k in live), default=None)
-            if epoch is not None and epoch > reported:
+            # The last epoch is reported with the folds' summary, as in sequential trials.
+            if epoch is not None and reported < epoch < cfg.optim.epochs:
                 reported = int(epoch)
                 tune.report(_epoch_row(latest, done, setup.folds))
     finally:

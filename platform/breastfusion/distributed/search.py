@@ -189,6 +189,7 @@ def _run_tune(plan: _Plan) -> SearchSummary:
             live.tracker = _tracker(plan)
             space = plan.space
             started = init_ray(dashboard=space.workers > 1 and not plan.debug)
+            guard.rearm()
             if plan.debug:
                 space = _fit_debug_resources(space)
             setup = TrialSetup(

@@ -56,6 +56,15 @@ class InterruptGuard:
             signal.signal(sig, handler)
         self._saved.clear()
 
+    def rearm(self) -> None:
+        """Take the signals back after ``ray.init``: it installs its own SIGTERM handler (kill
+        Ray, exit 1) and Ray's core worker a C-level one (print, then abort)."""
+        if not self._saved:
+            return
+        handler = self._first if self.signum is None else self._abort
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
     def adopt_tune_handler(self) -> None:
         if not self._saved or self.signum is not None:
             return
