@@ -93,7 +93,9 @@ def manifest_rows(path: Path) -> dict[str, dict[str, str]]:
 # the library
 
 
-def test_hash_pairs_match_brute_force():
+@pytest.mark.parametrize("block_cells", [4_000_000, 1000])  # one block; blocks of 3 rows
+def test_hash_pairs_match_brute_force(monkeypatch, block_cells):
+    monkeypatch.setattr(nd, "_BLOCK_CELLS", block_cells)
     rng = np.random.default_rng(0)
     codes = [int(c) for c in rng.integers(0, 2**63, 300, dtype=np.int64)]
     codes += [codes[5] ^ 0b1011, codes[7], codes[9] ^ (1 << 63)]  # 3, 0 and 1 bits apart

@@ -174,7 +174,8 @@ def hash_pairs(
 ) -> list[tuple[int, int, int]]:
     """(i, j, distance) with i < j for every two codes within ``max_distance`` bits.
 
-    All pairs by blocks of XOR + popcount: N = 10,000 images is 5e7 comparisons, a second.
+    All pairs by blocks of XOR + popcount, memory bounded: 10,000 images (5e7 pairs) took
+    3.9 s on a busy 2-core machine.
     """
     arr = np.asarray([c & 0xFFFFFFFFFFFFFFFF for c in codes], dtype=np.uint64)
     n = len(arr)
@@ -182,11 +183,11 @@ def hash_pairs(
     block = max(1, _BLOCK_CELLS // max(n, 1))
     for start in range(0, n, block):
         rows = arr[start : start + block]
-        dist = np.bitwise_count(rows[:, None] ^ arr[None, :])
+        dist = np.bitwise_count(rows[:, None] ^ arr[None, start:])  # columns from ``start``
         ii, jj = np.nonzero(dist <= max_distance)
         for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
-            if j > start + i:
-                out.append((start + i, j, int(dist[i, j])))
+            if j > i:
+                out.append((start + i, start + j, int(dist[i, j])))
     return out
 
 
