@@ -4,6 +4,7 @@ raised before any trial starts (no Ray here: each test takes well under a second
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,11 @@ def test_grid_debug_keeps_at_most_two_trials():
         ({"resources": {"cpu": 0}}, "cpu must be > 0"),
         ({"num_samples": 0}, "num_samples: expected an integer >= 1"),
         ({"folds": 1}, "folds: expected an integer >= 2"),
+        ({"keep_checkpoints": "some"}, "keep_checkpoints: 'some' is not one of best, all"),
+        ({"fold_parallel": "yes"}, "fold_parallel: expected true or false"),
+        ({"fold_parallel": True, "workers": 2}, "fold_parallel: true trains each fold"),
+        ({"scheduler": {"type": "asha", "fold_margin": 2}}, "scheduler.fold_margin"),
+        ({"scheduler": {"type": "asha", "patience": 2}}, "unknown key 'scheduler.patience'"),
     ],
 )
 def test_bad_spaces_name_the_problem(raw, message):
@@ -255,7 +261,10 @@ def test_cli_refuses_an_output_folder_holding_another_experiment(
     other = _space_file(tmp_path, seed=1)
     for extra in ((), ("--resume",)):
         _expect_user_error(
-            _search(other, inputs, out, *extra), capsys, "holds a different experiment"
+            _search(other, inputs, out, *extra),
+            capsys,
+            "holds a different experiment",
+            "space.seed: 0 → 1",  # what differs is named
         )
     # Not --debug is another experiment too (other folds, other sizes).
     argv = [a for a in _search(space, inputs, out, "--resume") if a != "--debug"]
@@ -268,6 +277,21 @@ def test_cli_resume_needs_something_to_resume(inputs, tmp_path, capsys, no_tune)
         capsys,
         "nothing to resume",
     )
+    assert not (tmp_path / "empty").exists()  # nothing half-written
+
+
+def test_cli_refuses_a_folder_another_search_is_writing(inputs, tmp_path, capsys, no_tune):
+    from breastfusion.fsguard import FolderLock
+
+    out = tmp_path / "busy"
+    with FolderLock(out, "search"):
+        _expect_user_error(
+            _search(_space_file(tmp_path), inputs, out),
+            capsys,
+            "in use by another breastfusion process",
+            f"pid {os.getpid()}",
+        )
+    assert not (out / "experiment.json").exists()
 
 
 def test_cli_refuses_a_non_empty_foreign_folder(inputs, tmp_path, capsys, no_tune):
