@@ -12,13 +12,12 @@ import torch
 from breastfusion.cli import main
 from breastfusion.config import Config, load_yaml
 from breastfusion.data.manifest import load_manifest
-from breastfusion.data.splits import make_splits, write_splits
+from breastfusion.data.splits import make_splits, subsample_patients, write_splits
 from breastfusion.engine.checkpoint import load_checkpoint
 from breastfusion.engine.cli import resolve_config
 from breastfusion.engine.fold import (
     CHECKPOINT_DIR,
     METRICS_NAME,
-    _subset,
     run_fold,
 )
 from breastfusion.errors import ConfigError, UserError
@@ -79,12 +78,24 @@ def test_train_writes_every_output(cohort, tmp_path, capsys):
     metrics = json.loads((out / METRICS_NAME).read_text())
     for key in ("auc", "sensitivity", "specificity", "precision", "accuracy", "n_patients"):
         assert key in metrics
-    assert metrics["threshold"] == 0.5 and metrics["config_hash"] == cfg.config_hash()
+    # The threshold is a probability in the config, stored on the calibrated log-odds scale.
+    assert metrics["threshold"] == 0.0 and metrics["threshold_probability"] == 0.5
+    assert metrics["config_hash"] == cfg.config_hash()
+    assert metrics["calibration"]["method"] == "platt" and metrics["calibration"]["a"] >= 0
+    assert metrics["degenerate"] in (True, False) and "selection" in metrics
+    # patience 20 (the default): the epoch is picked on an inner split, never the fold itself
+    assert "inner" in metrics["selection"] and metrics["inner_patients"] >= 2
 
     pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
-    assert list(pred.columns) == ["patient_id", "y_true", "y_score"]
+    assert list(pred.columns) == ["patient_id", "y_true", "y_score", "y_score_raw"]
     assert pred["patient_id"].is_unique and len(pred) == metrics["n_patients"]
-    assert pred["y_score"].between(0, 1).all()
+    cal = metrics["calibration"]
+    assert pred["y_score"].to_numpy() == pytest.approx(
+        cal["a"] * pred["y_score_raw"].to_numpy() + cal["b"], rel=1e-12, abs=1e-12
+    )
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1] and "val_auc" in history.columns
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     df = load_manifest(manifest)
     truth = df.groupby(df["patient_id"].astype(str))["y"].max()
     assert (pred.set_index("patient_id")["y_true"] == truth.loc[pred["patient_id"]]).all()
@@ -150,10 +161,10 @@ def test_a_crashed_run_leaves_nothing_that_looks_finished(cohort, tmp_path):
 def test_subset_keeps_both_classes_and_order():
     ids = [f"P{i:02d}" for i in range(20)]
     labels = pd.Series([int(i < 3) for i in range(20)], index=ids)
-    kept = _subset(ids, labels, 5, seed=0)
+    kept = subsample_patients(ids, labels, 5, seed=0)
     assert len(kept) == 5 and kept == sorted(kept)
     assert labels.loc[kept].sum() >= 1 and (labels.loc[kept] == 0).sum() >= 1
-    assert _subset(ids, labels, 5, seed=0) == kept
+    assert subsample_patients(ids, labels, 5, seed=0) == kept
 
 
 def _run_cli(capsys, *args) -> tuple[int, str]:

@@ -61,6 +61,8 @@ class DataConfig:
     cache_dir: str | None = None
     # Loader worker processes; None = auto (none on <= 2 cores, where they steal the model's).
     num_workers: int | None = _f(None, ge=0, le=64)
+    # Allow image paths (absolute, or symlinks) that leave the manifest's folder.
+    allow_outside: bool = False
     # Debug: keep at most this many patients per split (both classes kept); None = all.
     max_patients: int | None = _f(None, ge=2)
 
@@ -102,8 +104,12 @@ class OptimConfig:
     batch_size: int = _f(8, ge=1, le=4096)
     epochs: int = _f(200, ge=1, le=100_000)
     schedule: Literal["none", "cosine"] = "none"
-    # Stop after this many epochs without a better validation patient-level AUC; 0 = never.
+    # Early stopping: stop after this many epochs without a better patient-level AUC on an
+    # inner split of the training fold (``inner_val_fraction`` of its patients, stratified),
+    # and keep that epoch's weights; the fold's own validation patients are never used to
+    # pick an epoch. 0 = train every epoch on the whole training fold and keep the last one.
     patience: int = _f(20, ge=0)
+    inner_val_fraction: float = _f(0.2, gt=0.0, lt=0.9)
     seed: int = _f(0, ge=0)
 
 
@@ -114,8 +120,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # GPU only: bf16 where supported, else fp16 with a GradScaler
     channels_last: bool = True  # GPU only
-    # Operating point for sensitivity/specificity/precision/accuracy in metrics.json.
-    threshold: float = _f(0.5, ge=0.0, le=1.0)
+    # Operating point (a probability) for sensitivity/specificity/precision/accuracy in a
+    # fold's metrics.json; applied to the calibrated scores (log-odds logit(threshold)).
+    threshold: float = _f(0.5, gt=0.0, lt=1.0)
+    # Precise BN: after every training epoch, recompute BatchNorm running statistics over up
+    # to this many training batches (no gradient step) so eval-mode scores match the weights.
+    # 0 = off (then a few-step model can give constant or saturated eval-mode logits).
+    bn_recalibration_batches: int = _f(32, ge=0, le=100_000)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file, not a torch file, unsafe pickle content
-        raise UserError(f"checkpoint {path} cannot be read: {exc}") from exc
+        raise UserError(f"checkpoint {path} cannot be read: {load_error_text(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a breastfusion checkpoint (expected format {FORMAT})")
     config = payload["config"]
@@ -90,6 +90,22 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         meta=payload.get("meta", {}),
         train_state=payload.get("train_state"),
     )
+
+
+def load_error_text(exc: BaseException) -> str:
+    """Words for why ``torch.load(..., weights_only=True)`` failed (torch's own messages say
+    e.g. ``[Errno 22] Invalid argument`` for a truncated file)."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return (
+            "it holds Python objects other than tensors and plain data, which are never "
+            "unpickled (weights_only loading: a weight file must not run code)"
+        )
+    if isinstance(exc, OSError | EOFError | RuntimeError) or "zip" in text.lower():
+        return "the file is truncated or corrupted (not a complete PyTorch file)"
+    return f"not a PyTorch weight file ({type(exc).__name__})"
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint | str | Path) -> Checkpoint:

@@ -121,6 +121,9 @@ def train_command(
 ) -> None:
     """Train one fold; write config.yaml, predictions.csv, model.pt and metrics.json to --out."""
     cfg = resolve_config(config_file, sets, **flags)
+    for key, flag in (("manifest", "--manifest"), ("splits", "--splits")):
+        if not getattr(cfg.data, key):
+            raise ConfigError(f"no {key} given ({flag} or data.{key} in the config)")
     click.echo(f"config {cfg.config_hash()[:12]} → {out_dir}")
     result = run_fold(cfg, out_dir, resume=resume, progress=click.echo)
     m = result.metrics

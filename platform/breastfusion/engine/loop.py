@@ -6,9 +6,20 @@ identity by default; only the training loader is prepared) and ``callback`` (rec
 ``report``; a truthy return value stops training). Checkpoints go to ``out_dir``:
 ``best.pt`` (best weights + config + hash) and ``last.pt`` (resumable training state).
 
-Model selection and early stopping use the validation AUC at the *patient* level (each
-patient's image/pair scores averaged first), because that is the unit a screening decision
-is made on; pair-level AUC would weight patients by how many images they happen to have.
+Scores are malignant log-odds ``logit[1] - logit[0]`` in float64, never softmax probabilities
+(those saturate to exactly 0 or 1 in float32 after a few epochs and turn rankings into ties).
+
+Which epoch's weights ``fit`` returns: with ``optim.patience == 0`` the LAST epoch's (the
+monitoring set is only watched, never used to pick an epoch); with ``patience > 0`` the best
+epoch by patient-level AUC on the monitoring loader, which ``engine.fold`` makes an inner
+split of the training fold, so a fold's reported AUC is never the maximum over epochs of the
+score being reported. Patient level: each patient's image/pair scores are averaged first,
+because that is the unit a screening decision is made on.
+
+BatchNorm statistics are recomputed over training batches (no gradient step) after every
+training epoch ("precise BN", ``train.bn_recalibration_batches``): after a few optimiser steps
+the running averages (momentum 0.1) do not match the weights, which collapsed GoogLeNet to
+constant eval-mode logits and drove Inception v3 to ±500.
 
 Batches are dicts from ``breastfusion.data.datasets``: ``{"image", "y", "patient_id"}`` for a
 single modality (``model(image)``) or ``{"dm", "us", "y", "patient_id"}`` for fusion
@@ -88,18 +99,22 @@ def fit(
     prepare_model: Callable[[nn.Module], nn.Module] = _identity,
     prepare_loader: Callable[[Any], Any] = _identity,
     resume: bool = False,
+    heartbeat: Callable[[int, int, float], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` per ``cfg.optim`` and keep the state with the best patient-level val AUC.
+    """Train ``model`` per ``cfg.optim``; return the last epoch's state, or with
+    ``optim.patience > 0`` the best by patient-level AUC on ``val_loader`` (see module doc).
 
     ``device`` overrides ``cfg.train.device`` (Ray Train passes the worker's device).
     ``resume`` continues from ``out_dir/last.pt`` when it exists and was written for the same
-    config hash. Without ``val_loader`` every epoch counts as best (a final refit).
+    config hash. ``heartbeat(batch, n_batches, seconds)`` is called after every training batch
+    (progress within long epochs).
     """
     seed_everything(cfg.optim.seed)
     dev = resolve_device(device if device is not None else cfg.train.device)
     channels_last = cfg.train.channels_last and dev.type == "cuda"
     model = _to_device(model, dev, channels_last)
     model = prepare_model(model)
+    select_best = val_loader is not None and cfg.optim.patience > 0
     # Only the training loader is sharded. Every rank validates on the whole validation set
     # with identical weights and buffers, so every rank takes the same early-stopping decision
     # (ranks that disagree would hang in the next all-reduce).
@@ -123,10 +138,13 @@ def fit(
         _set_epoch(train_loader, epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, n_train, train_s = _train_epoch(
-            model, train_loader, optimizer, amp, dev, channels_last
+            model, train_loader, optimizer, amp, dev, channels_last, heartbeat
         )
         if scheduler is not None:
             scheduler.step()
+        recalibrate_batchnorm(
+            unwrap(model), train_loader, cfg.train.bn_recalibration_batches, dev, amp, channels_last
+        )
         if val_loader is not None:
             _sync_buffers(model)
             val_df, val_loss = _predict(unwrap(model), val_loader, dev, amp, channels_last)
@@ -134,7 +152,9 @@ def fit(
         else:
             val_df, val_loss, val_auc = None, math.nan, math.nan
 
-        improved = _improves(val_auc, state.best_auc, val_loader is None, state.best_epoch)
+        # A diverged epoch (non-finite loss) never replaces a finite one as the result.
+        finite = math.isfinite(train_loss) or state.best_epoch == 0
+        improved = finite and _improves(val_auc, state.best_auc, not select_best, state.best_epoch)
         if improved:
             state.best_auc, state.best_epoch, state.since_best = val_auc, epoch, 0
             state.best_state = cpu_state_dict(model)
@@ -167,7 +187,7 @@ def fit(
         if asked_to_stop:
             stop_reason = "callback"
             break
-        if val_loader is not None and 0 < cfg.optim.patience <= state.since_best:
+        if select_best and cfg.optim.patience <= state.since_best:
             stop_reason = "early_stopping"
             break
 
@@ -193,7 +213,7 @@ def evaluate(
     amp: bool = False,
     channels_last: bool = False,
 ) -> pd.DataFrame:
-    """Per-sample predictions: ``patient_id, y_true, y_score`` (malignant probability)."""
+    """Per-sample predictions: ``patient_id, y_true, y_score`` (malignant log-odds, float64)."""
     dev = resolve_device(device)
     df, _ = _predict(model, loader, dev, AmpPolicy(dev, amp), channels_last and dev.type == "cuda")
     return df
@@ -338,15 +358,19 @@ def _train_epoch(
     amp: AmpPolicy,
     device: torch.device,
     channels_last: bool,
+    heartbeat: Callable[[int, int, float], None] | None = None,
 ) -> tuple[float, int, float]:
     """One pass over ``loader``; returns (mean loss per sample, samples seen, seconds)."""
     model.train()
     total, n = 0.0, 0
     start = time.perf_counter()
-    for batch in loader:
+    n_batches = len(loader) if hasattr(loader, "__len__") else 0
+    for i, batch in enumerate(loader, 1):
         loss = train_step(model, batch, optimizer, amp, device, channels_last)
         total += float(loss) * len(batch["y"])
         n += len(batch["y"])
+        if heartbeat is not None:
+            heartbeat(i, n_batches, time.perf_counter() - start)
     seconds = time.perf_counter() - start
     return (total / n if n else math.nan), n, seconds
 
@@ -371,7 +395,7 @@ def _predict(
             logits = forward_batch(model, batch, device, channels_last)
         logits = logits.float()
         total += float(F.cross_entropy(logits, y, reduction="sum"))
-        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+        scores.append(log_odds(logits).cpu().numpy())
         labels.append(y.cpu().numpy())
         ids.extend(str(p) for p in batch["patient_id"])
     n = len(ids)
@@ -379,19 +403,66 @@ def _predict(
         {
             "patient_id": pd.Series(ids, dtype=str),
             "y_true": np.concatenate(labels).astype(int) if labels else np.empty(0, int),
-            "y_score": np.concatenate(scores).astype(float) if scores else np.empty(0),
+            "y_score": np.concatenate(scores) if scores else np.empty(0),
         }
     )
     return df, (total / n if n else math.nan)
 
 
-def _improves(auc: float, best: float, no_validation: bool, best_epoch: int) -> bool:
+def log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """Malignant log-odds ``logit[1] - logit[0]`` in float64: the platform's score. Unlike
+    ``softmax(logits)[:, 1]`` it cannot saturate, so scores never tie by rounding."""
+    logits = logits.double()
+    return logits[:, 1] - logits[:, 0]
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    max_batches: int,
+    device: torch.device,
+    amp: AmpPolicy | None = None,
+    channels_last: bool = False,
+) -> int:
+    """Recompute every BatchNorm layer's running mean/var as the plain average over up to
+    ``max_batches`` training batches (train-mode forward passes, no gradient, no optimiser
+    step), so eval-mode statistics match the current weights. Returns the batches used."""
+    layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not layers or max_batches <= 0:
+        return 0
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    model.train()
+    used = 0
+    amp = amp or AmpPolicy(device, False)
+    try:
+        for batch in loader:
+            if used >= max_batches:
+                break
+            with amp.autocast():
+                forward_batch(model, batch, device, channels_last)
+            used += 1
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
+
+
+def _improves(auc: float, best: float, no_selection: bool, best_epoch: int) -> bool:
     """Strictly better AUC wins; ties keep the earlier (less trained) state.
 
-    Without validation the latest state is the result. A NaN AUC (one class in validation)
+    Without selection (no monitoring set, or ``patience == 0``) the latest state is the result. A NaN AUC (one class in validation)
     never beats a real one, but the first epoch is always kept so there is a state to return.
     """
-    if no_validation or best_epoch == 0:
+    if no_selection or best_epoch == 0:
         return True
     if math.isnan(auc):
         return False
@@ -443,10 +514,11 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
-    """DistributedSampler (added by Ray Train) reshuffles only when told the epoch."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    """Per-epoch pair sampling (``data.pairs_per_patient``) and DistributedSampler (added by Ray
+    Train) change their draw only when told the epoch."""
+    from breastfusion.data.loaders import set_loader_epoch
+
+    set_loader_epoch(loader, epoch)
 
 
 def _save(

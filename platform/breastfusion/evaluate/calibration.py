@@ -80,7 +80,7 @@ def fit_platt(y: Any, z: Any, *, max_iter: int = 100) -> Calibration:
     x = (z - mu) / sd
     w = np.array([1.0, prior])  # slope, intercept on standardised scores
     for _ in range(max_iter):
-        p = 1 / (1 + np.exp(-(w[0] * x + w[1])))
+        p = sigmoid(w[0] * x + w[1])
         g = np.array([np.sum((p - t) * x), np.sum(p - t)])
         r = p * (1 - p) + 1e-12
         h = np.array([[np.sum(r * x * x), np.sum(r * x)], [np.sum(r * x), np.sum(r)]])
