@@ -260,3 +260,21 @@ def test_a_cpu_fold_repeats_exactly(cohort, tmp_path):
     a = run_fold(cfg, tmp_path / "a").predictions
     b = run_fold(cfg, tmp_path / "b").predictions
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_train_refuses_a_foreign_folder_and_a_second_writer(tmp_path, capsys):
+    from breastfusion.fsguard import FolderLock
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.docx").write_text("precious")
+    args = ["--manifest", "m.csv", "--splits", "s.json", *FAST, "--out", str(out)]
+    rc, err = _run_cli(capsys, *args)
+    assert rc == 2 and "thesis.docx" in err and "--overwrite" in err
+    assert (out / "thesis.docx").read_text() == "precious"
+    busy = tmp_path / "busy"
+    with FolderLock(busy, "train"):
+        rc, err = _run_cli(
+            capsys, "--manifest", "m.csv", "--splits", "s.json", *FAST, "--out", str(busy)
+        )
+    assert rc == 2 and "in use by another breastfusion process" in err and "pid" in err

@@ -11,6 +11,7 @@ import click
 from breastfusion.config import PRETRAINED_KEYWORDS, Config, load_yaml
 from breastfusion.engine.fold import fmt_metric, run_fold
 from breastfusion.errors import ConfigError
+from breastfusion.fsguard import FolderLock, claim
 
 
 def overrides_from_flags(**flags: Any) -> dict[str, Any]:
@@ -114,18 +115,31 @@ def resolve_config(config_file: str | None, sets: Sequence[str], **flags: Any) -
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Write into a non-empty --out that `train` did not make (its files may be replaced).",
+)
+@click.option(
     "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder."
 )
 def train_command(
-    config_file: str | None, sets: tuple[str, ...], resume: bool, out_dir: str, **flags: Any
+    config_file: str | None,
+    sets: tuple[str, ...],
+    resume: bool,
+    overwrite: bool,
+    out_dir: str,
+    **flags: Any,
 ) -> None:
-    """Train one fold; write config.yaml, predictions.csv, model.pt and metrics.json to --out."""
+    """Train one fold; write config.yaml, predictions.csv, history.csv, tensorboard/, model.pt
+    and metrics.json to --out (curves: tensorboard --logdir OUT)."""
     cfg = resolve_config(config_file, sets, **flags)
     for key, flag in (("manifest", "--manifest"), ("splits", "--splits")):
         if not getattr(cfg.data, key):
             raise ConfigError(f"no {key} given ({flag} or data.{key} in the config)")
     click.echo(f"config {cfg.config_hash()[:12]} → {out_dir}")
-    result = run_fold(cfg, out_dir, resume=resume, progress=click.echo)
+    with FolderLock(out_dir, "train"):
+        claim(out_dir, "train", overwrite=overwrite)
+        result = run_fold(cfg, out_dir, resume=resume, progress=click.echo)
     m = result.metrics
     click.echo(
         "validation (patients): "
@@ -133,5 +147,5 @@ def train_command(
             f"{k} {fmt_metric(m[k])}"
             for k in ("auc", "sensitivity", "specificity", "precision", "accuracy")
         )
-        + f"  at threshold {m['threshold']:g}"
+        + f"  at threshold {m['threshold_probability']:g} (probability)"
     )

@@ -99,6 +99,7 @@ def run_fold(
     progress: Progress | None = None,
     cohort: Cohort | None = None,
     curves: bool = True,
+    fallback_cache: str | Path | None = None,
 ) -> FoldResult:
     """Train and validate fold ``cfg.data.fold``; write the outputs listed in the module doc.
 
@@ -106,6 +107,8 @@ def run_fold(
     touch points). ``resume`` continues from ``out_dir/checkpoints/last.pt`` if present.
     ``progress`` receives human-readable lines (the CLI passes ``click.echo``). ``cohort``: the
     already-loaded manifest and splits (a search passes it to every fold).
+    ``fallback_cache``: where the preprocessing cache goes when ``data.cache_dir`` is unset
+    and the manifest's folder is read-only (default: ``out_dir/.cache``).
     """
     from breastfusion.engine.loop import fit
 
@@ -114,7 +117,8 @@ def run_fold(
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_NAME).unlink(missing_ok=True)  # a re-run is unfinished until it finishes
 
-    data = build_fold_data(cfg, cohort, fallback_cache=out.parent / ".cache")
+    fallback = Path(fallback_cache) if fallback_cache is not None else out / ".cache"
+    data = build_fold_data(cfg, cohort, fallback_cache=fallback)
     say(_describe(cfg, data.summary))
     model = build_model_from_config(cfg)
     save_yaml(cfg, out / CONFIG_NAME)
