@@ -14,6 +14,7 @@ from breastfusion.models.registry import (
     BACKBONES,
     Registry,
     backbone_names,
+    backbone_params,
     check_input_size,
     feature_dim,
     fusion_names,
@@ -125,6 +126,8 @@ def test_backbone_forward_backward_and_min_size(name):
     size = min_input_size(name)
     model, dim = build_backbone(name)
     assert dim == feature_dim(name) == model.feature_dim
+    # The registry's parameter count (the best rule's tie-break) is the real one.
+    assert sum(p.numel() for p in model.parameters()) == backbone_params(name)
     model.train()
     out = model(grey(size))
     assert isinstance(out, torch.Tensor) and out.shape == (2, dim)
