@@ -83,6 +83,7 @@ def fold_summary(done: Mapping[int, FoldOutcome], folds: Sequence[int]) -> dict[
         "folds_done": sum(1 for k in folds if k in done),
         COMPLETE: int(all(k in done for k in folds)),
         "degenerate_folds": ";".join(map(str, degenerate)),
+        "degenerate_reason": done[degenerate[-1]].reason if degenerate else "",
     }
     row.update({f"auc/fold{k}": done[k].auc for k in folds if k in done})
     return row

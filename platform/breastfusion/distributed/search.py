@@ -44,7 +44,13 @@ from breastfusion import fsguard, runs
 from breastfusion.config import Config
 from breastfusion.distributed import results
 from breastfusion.distributed.experiment import claim_output, cohort_facts, resume_command_for
-from breastfusion.distributed.objective import METRIC, Reference, cv_objective, read_outcomes
+from breastfusion.distributed.objective import (
+    METRIC,
+    Reference,
+    cv_objective,
+    is_number,
+    read_outcomes,
+)
 from breastfusion.distributed.session import InterruptGuard, Session, active
 from breastfusion.distributed.space import SearchSpace, load_space
 from breastfusion.distributed.trial import FAULT_ENV, TrialSetup
@@ -290,7 +296,7 @@ def _finish(plan: _Plan, live: Session, grid: Any) -> SearchSummary:
                 config=dict(r.config or {}),
                 error=r.error is not None,
                 iterations=int(m.get("training_iteration", 0) or 0),
-                last_cv_auc=float(m.get(METRIC, float("nan")) or float("nan")),
+                last_cv_auc=float(m[METRIC]) if is_number(m.get(METRIC)) else float("nan"),
                 stopped_by=live.stops.get(str(m.get("trial_id"))),
             )
         )
