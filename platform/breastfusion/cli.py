@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -23,7 +24,7 @@ from breastfusion.errors import Terminated, UserError
 # here so that `breastfusion --help` needs no import of the (heavy) command modules.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": (
-        "breastfusion.study_cli:run_command",
+        "breastfusion.cli:run_command",
         "Run a whole study (STUDY.yaml) from data to report.",
     ),
     "synth": (
@@ -47,8 +48,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Patient-level metrics with CIs and DeLong tests.",
     ),
     "final": (
-        "breastfusion.final:final_command",
-        "Refit the chosen configuration, evaluate once on the holdout, export, Grad-CAM.",
+        "breastfusion.final.cli:final_command",
+        "Refit the chosen configuration, evaluate once on the holdout, export a bundle.",
+    ),
+    "predict": (
+        "breastfusion.predict.cli:predict_command",
+        "Score new patients with an exported bundle (detector, preprocessing, model).",
     ),
     "aggregate": (
         "breastfusion.evaluate.cli:aggregate_command",
@@ -65,6 +70,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "roi": ("breastfusion.roi.cli:roi_group", "Ultrasound lesion detector (YOLOv8): train, crop."),
 }
+
+
+@click.command("run")
+@click.argument("study", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Study folder (default: the study file's `out`, else ./<name>_out).",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted search stage in place.")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Same stages, minutes: fold 0 only, <= 2 trials per search, 1 epoch.",
+)
+def run_command(study: Path, out: Path | None, resume: bool, debug: bool) -> None:
+    """Run the study in STUDY.yaml from data to report; finished stages are skipped."""
+    from breastfusion.study import run_study
+
+    run_study(study, out=out, resume=resume, debug=debug, echo=click.echo)
 
 
 class LazyGroup(click.Group):

@@ -1,621 +1,347 @@
 """The main job: one study from manifest (or synthetic cohort) to HTML report, as stages.
 
-``breastfusion run STUDY.yaml`` runs, in order::
+``breastfusion run STUDY.yaml`` runs, in order (``breastfusion.study_stages``)::
 
     01_data       validate the manifest, or generate the synthetic cohort
     02_splits     holdout + patient-level stratified K folds (splits.json)
-    03_roi        US lesion detector (YOLOv8) trained and applied → cropped manifest
-                  (or manifest boxes, or no cropping: ``roi.mode``)
+    03_roi        US lesion detector (YOLOv8) trained and applied → cropped manifest and the
+                  detector bundle (or manifest boxes, or no cropping: ``roi.mode``)
     04_backbones_dm, 05_backbones_us   the study's backbone comparison per modality (searches)
     06_fusion     Optuna search for the fusion model over the folds
     07_aggregate  tables like the study's Tables 1–3, and the chosen final configuration
     08_final      refit, holdout evaluation (CIs, DeLong, operating point), export, Grad-CAM
     09_report     report/index.html
 
-Each stage writes under ``STUDY_DIR/<stage>/`` and, last, a ``stage.json`` holding the hash of
-its inputs (its own settings plus the hashes of the stages it reads). A stage whose
-``stage.json`` matches is skipped; a changed setting re-runs that stage and every stage
-downstream of it (their input hashes change). A stage that fails leaves no ``stage.json``,
-so its partial outputs never count as done. Searches are the one partial output worth
-keeping: with ``--resume`` an interrupted search stage continues (Ray Tune restore) instead
-of starting again.
+Each stage writes under ``STUDY_DIR/<stage>/`` and, last, a ``stage.json`` (``runs.StudyDir``)
+holding the hash of its inputs — its resolved settings (``StudyConfig.stage_settings``, every
+default filled in) and the hashes of the stages it reads — and its outputs, stored relative to
+the study root so a moved study still works. A matching stage is skipped; a changed setting
+re-runs that stage and every stage downstream of it, and the run says what changed.
+
+Nothing unfinished looks finished: a stage that fails or is interrupted (Ctrl-C: exit 130,
+SIGTERM: exit 143) leaves no ``stage.json``, and the run prints the command that continues it.
+A search stage is recorded done only when its search chose a trial that finished every fold;
+with ``--resume`` an interrupted search continues in place instead of starting again.
+
+One writer per study folder (``fsguard.FolderLock``), and a study writes only into a folder
+it owns (``fsguard.claim``). It clears a stage folder only when every entry in it was made by
+an earlier run of that stage (recorded in ``.breastfusion-stages.json``): a file the study did
+not make is never deleted — the stage is refused, naming it.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import datetime as _dt
 import logging
+import os
+import shlex
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from breastfusion.errors import ConfigError, UserError
-from breastfusion.io import atomic_write_json, sha256_file, sha256_json
+from breastfusion import fsguard, runs
+from breastfusion.errors import Interrupted, Terminated, UserError
+from breastfusion.io import atomic_write_json, ensure_dir, sha256_json
+from breastfusion.study_config import StudyConfig, load_study
+from breastfusion.study_stages import Stage, StageContext, build_stages, write_layout
 
 log = logging.getLogger(__name__)
 
-STAGE_FILE = "stage.json"
-ROI_MODES = ("detect", "boxes", "none")
-
-_STUDY_KEYS = {
-    "name": str,
-    "description": str,
-    "out": str,
-    "data": dict,
-    "splits": dict,
-    "roi": dict,
-    "base": dict,
-    "backbones": dict,
-    "fusion": (str, dict),
-    "final": dict,
-    "report": dict,
-}
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """A study YAML, validated; see jobs/demo.yaml for a commented example."""
-
-    name: str
-    path: Path
-    out: Path | None
-    data: dict[str, Any]
-    splits: dict[str, Any]
-    roi: dict[str, Any]
-    base: dict[str, Any]
-    backbones: dict[str, Any]
-    fusion: Any
-    final: dict[str, Any]
-    report: dict[str, Any]
-    raw: dict[str, Any] = field(repr=False)
-
-
-def load_study(path: str | Path) -> StudyConfig:
-    from breastfusion.config import read_yaml
-
-    path = Path(path)
-    raw = read_yaml(path, "study file")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"study file {path} must be a mapping (see jobs/demo.yaml)")
-    for key, value in raw.items():
-        if key not in _STUDY_KEYS:
-            raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(_STUDY_KEYS)}")
-        if value is not None and not isinstance(value, _STUDY_KEYS[key]):
-            raise ConfigError(f"{path}: {key!r} has the wrong type ({type(value).__name__})")
-    base_dir = path.resolve().parent
-    data = dict(raw.get("data") or {})
-    if ("manifest" in data) == ("synthetic" in data):
-        raise ConfigError(f"{path}: data needs exactly one of 'manifest' or 'synthetic'")
-    if "manifest" in data:
-        data["manifest"] = str(_resolve(data["manifest"], base_dir))
-    roi = {"mode": "detect", **(raw.get("roi") or {})}
-    if roi["mode"] not in ROI_MODES:
-        raise ConfigError(f"{path}: roi.mode {roi['mode']!r} is not one of {', '.join(ROI_MODES)}")
-    backbones = dict(raw.get("backbones") or {})
-    unknown = sorted(set(backbones) - {"dm", "us"})
-    if unknown:
-        raise ConfigError(f"{path}: backbones has unknown key {unknown[0]!r} (use dm, us)")
-    backbones = {k: _space_ref(v, base_dir) for k, v in backbones.items() if v}
-    fusion = _space_ref(raw.get("fusion"), base_dir) if raw.get("fusion") else None
-    out = raw.get("out")
-    study = StudyConfig(
-        name=str(raw.get("name") or path.stem),
-        path=path.resolve(),
-        out=_resolve(out, Path.cwd()) if out else None,
-        data=data,
-        splits={"folds": 5, "holdout": 0.2, "seed": 0, **(raw.get("splits") or {})},
-        roi=roi,
-        base=dict(raw.get("base") or {}),
-        backbones=backbones,
-        fusion=fusion,
-        final={"mode": "refit", **(raw.get("final") or {})},
-        report=dict(raw.get("report") or {}),
-        raw=raw,
-    )
-    _validate_spaces(study)
-    return study
-
-
-def _resolve(value: Any, base: Path) -> Path:
-    p = Path(str(value)).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()
-
-
-def _space_ref(value: Any, base_dir: Path) -> Any:
-    """A search space given as a path (relative to the study file) or inline."""
-    if isinstance(value, str):
-        return str(_resolve(value, base_dir))
-    if isinstance(value, dict):
-        return copy.deepcopy(value)
-    raise ConfigError(f"a search space must be a path or a mapping, got {value!r}")
-
-
-def _load_space(ref: Any, name: str = "search"):
-    from breastfusion.distributed.space import load_space, parse_space
-
-    return load_space(ref) if isinstance(ref, str) else parse_space(ref, default_name=name)
-
-
-def _validate_spaces(study: StudyConfig) -> None:
-    """Every search space must load before the first stage runs (fail in seconds, not hours)."""
-    from breastfusion.config import Config
-
-    base = Config().with_overrides(study.base)
-    from breastfusion.distributed.space import validate_against_config
-
-    refs = {f"backbones_{k}": v for k, v in study.backbones.items()}
-    if study.fusion:
-        refs["fusion"] = study.fusion
-    for name, ref in refs.items():
-        validate_against_config(_load_space(ref, name), base)
-
-
-# --------------------------------------------------------------------------------------------
-# stage machinery
-
-
-@dataclass
-class StageContext:
-    study: StudyConfig
-    root: Path
-    debug: bool
-    resume: bool
-    echo: Callable[[str], None]
-    hashes: dict[str, str] = field(default_factory=dict)
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def dir(self, stage: str) -> Path:
-        return self.root / stage
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    title: str
-    deps: tuple[str, ...]
-    settings: Callable[[StageContext], dict[str, Any]]
-    run: Callable[[StageContext, Path], dict[str, Any]]
-    keep_partial: bool = False  # searches: an interrupted run can be resumed in place
-
-
-def _stage_hash(ctx: StageContext, stage: Stage) -> str:
-    return sha256_json(
-        {
-            "stage": stage.name,
-            "settings": stage.settings(ctx),
-            "debug": ctx.debug,
-            "deps": {d: ctx.hashes[d] for d in stage.deps if d in ctx.hashes},
-        }
-    )
-
-
-def _run_stage(ctx: StageContext, stage: Stage, index: int, total: int) -> None:
-    out = ctx.dir(stage.name)
-    digest = _stage_hash(ctx, stage)
-    marker = out / STAGE_FILE
-    prefix = f"[{index}/{total}] {stage.title}"
-    if marker.exists():
-        try:
-            done = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            done = {}
-        if done.get("hash") == digest:
-            ctx.hashes[stage.name] = digest
-            ctx.outputs[stage.name] = done.get("outputs", {})
-            ctx.echo(f"{prefix}: up to date, skipped")
-            return
-        marker.unlink()
-    if out.exists() and not (stage.keep_partial and ctx.resume):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx.echo(f"{prefix} ...")
-    started = time.monotonic()
-    try:
-        outputs = stage.run(ctx, out)
-    except UserError as exc:
-        raise UserError(f"stage {stage.name} failed: {exc.message}", details=exc.details) from exc
-    seconds = time.monotonic() - started
-    ctx.hashes[stage.name] = digest
-    ctx.outputs[stage.name] = outputs
-    atomic_write_json(
-        marker,
-        {"stage": stage.name, "hash": digest, "seconds": round(seconds, 1), "outputs": outputs},
-    )
-    ctx.echo(f"{prefix}: done in {seconds:.0f} s")
-
-
-# --------------------------------------------------------------------------------------------
-# the stages
-
-
-def _data_settings(ctx: StageContext) -> dict[str, Any]:
-    data = dict(ctx.study.data)
-    if "manifest" in data:
-        data["manifest_sha256"] = sha256_file(data["manifest"])
-    return data
-
-
-def _data_run(ctx: StageContext, out: Path) -> dict[str, Any]:
-    from breastfusion.data.manifest import load_manifest, summarize
-
-    data = ctx.study.data
-    if "synthetic" in data:
-        from breastfusion.data.synthetic import generate_cohort
-
-        syn = {
-            "patients": 120,
-            "size": 128,
-            "seed": 0,
-            "difficulty": "standard",
-            **(data["synthetic"] or {}),
-        }
-        manifest = generate_cohort(
-            out / "cohort",
-            n_patients=int(syn["patients"]),
-            seed=int(syn["seed"]),
-            size=int(syn["size"]),
-            difficulty=str(syn["difficulty"]),
-        )
-    else:
-        manifest = Path(data["manifest"])
-    df = load_manifest(
-        manifest,
-        check_images=bool(data.get("check_images", True)),
-        allow_outside=bool(data.get("allow_outside", False)),
-    )
-    summary = summarize(df)
-    atomic_write_json(out / "cohort.json", summary)
-    ctx.echo(
-        f"    {summary['patients']} patients ({_class_text(summary)}), {summary['images']} images"
-    )
-    return {"manifest": str(manifest), "cohort": str(out / "cohort.json")}
-
-
-def _class_text(summary: dict[str, Any]) -> str:
-    per = summary.get("patients_per_class", {})
-    return ", ".join(f"{n} {label}" for label, n in sorted(per.items()))
-
-
-def _splits_settings(ctx: StageContext) -> dict[str, Any]:
-    return dict(ctx.study.splits)
-
-
-def _splits_run(ctx: StageContext, out: Path) -> dict[str, Any]:
-    from breastfusion.data.manifest import load_manifest
-    from breastfusion.data.splits import make_splits, write_splits
-
-    manifest = ctx.outputs["01_data"]["manifest"]
-    df = load_manifest(manifest)
-    s = ctx.study.splits
-    splits = make_splits(
-        df,
-        folds=int(s["folds"]),
-        holdout=float(s["holdout"]),
-        seed=int(s["seed"]),
-        manifest_sha256=sha256_file(manifest),
-    )
-    path = write_splits(splits, out / "splits.json")
-    ctx.echo(f"    holdout {len(splits['holdout'])} patients, {len(splits['folds'])} folds")
-    return {"splits": str(path)}
-
-
-def _roi_settings(ctx: StageContext) -> dict[str, Any]:
-    return dict(ctx.study.roi)
-
-
-def _roi_run(ctx: StageContext, out: Path) -> dict[str, Any]:
-    from breastfusion.data.manifest import load_manifest
-    from breastfusion.data.splits import load_splits
-
-    manifest = ctx.outputs["01_data"]["manifest"]
-    roi = ctx.study.roi
-    if roi["mode"] == "none":
-        return {"manifest": manifest, "mode": "none"}
-    df = load_manifest(manifest)
-    crop = {
-        "margin": 0.1,
-        "fallback": "centre",
-        "conf": 0.25,
-        "iou": 0.7,
-        **(roi.get("crop") or {}),
-    }
-    detector = None
-    result: dict[str, Any] = {"mode": roi["mode"]}
-    if roi["mode"] == "detect":
-        from breastfusion.roi.yolo import YoloDetector, train_detector
-
-        splits = load_splits(ctx.outputs["02_splits"]["splits"], df)
-        train = {"epochs": 300, "imgsz": 640, "batch": 8, "seed": 0, **(roi.get("train") or {})}
-        if ctx.debug:
-            train["epochs"] = min(int(train["epochs"]), 2)
-        metrics = train_detector(
-            df,
-            out / "detector",
-            holdout=list(splits.holdout),
-            epochs=int(train["epochs"]),
-            imgsz=int(train["imgsz"]),
-            batch=int(train["batch"]),
-            seed=int(train["seed"]),
-            weights=train.get("weights"),
-        )
-        result["detector_metrics"] = {k: metrics.get(k) for k in ("mAP50", "mAP50-95")}
-        detector = YoloDetector(
-            out / "detector" / "weights" / "best.pt",
-            conf=float(crop["conf"]),
-            iou=float(crop["iou"]),
-            imgsz=int(train["imgsz"]),
-        )
-        ctx.echo(
-            f"    detector mAP50 {metrics.get('mAP50') or float('nan'):.3f} on "
-            f"{metrics.get('n_images', {}).get('val', '?')} held-out development images"
-        )
-    from breastfusion.roi.crop import crop_manifest
-
-    cropped = crop_manifest(
-        df,
-        out / "crops",
-        detector,
-        margin=float(crop["margin"]),
-        fallback=str(crop["fallback"]),
-        use_boxes=roi["mode"] == "boxes",
-    )
-    result["manifest"] = str(out / "crops" / "manifest.csv")
-    result["roi_sources"] = dict(getattr(cropped, "counts", {}) or {})
-    ctx.echo(f"    cropped US images: {result['roi_sources']}")
-    return result
-
-
-def _search_stage(key: str) -> tuple[Callable, Callable]:
-    name = "fusion" if key == "fusion" else f"backbones_{key}"
-
-    def ref(ctx: StageContext) -> Any:
-        return ctx.study.fusion if key == "fusion" else ctx.study.backbones[key]
-
-    def settings(ctx: StageContext) -> dict[str, Any]:
-        space = _load_space(ref(ctx), name)
-        return {"name": space.name, "space": space.source, "base": ctx.study.base}
-
-    def run(ctx: StageContext, out: Path) -> dict[str, Any]:
-        from breastfusion.config import Config
-        from breastfusion.distributed.search import search
-
-        space = _load_space(ref(ctx), name)
-        resume = ctx.resume and (out / "experiment.json").exists()
-        summary = search(
-            space,
-            ctx.outputs["03_roi"]["manifest"],
-            ctx.outputs["02_splits"]["splits"],
-            out,
-            resume=resume,
-            debug=ctx.debug,
-            base=Config().with_overrides(ctx.study.base),
-            echo=lambda line: ctx.echo(f"    {line}"),
-        )
-        return {"search_dir": str(out), "best_score": summary.best.get("score")}
-
-    return settings, run
-
-
-def _aggregate_run(ctx: StageContext, out: Path) -> dict[str, Any]:
-    from breastfusion.evaluate.aggregate import aggregate
-
-    dirs = [Path(ctx.outputs[s]["search_dir"]) for s in _SEARCH_STAGES if s in ctx.outputs]
-    result = aggregate(dirs, out)
-    return {
-        "aggregate_dir": str(out),
-        "best_config": str(out / "best_config.json"),
-        "summary": getattr(result, "summary", None),
-    }
-
-
-MODALITY_NAMES = {"dm": "DM only", "us": "US only", "fusion": "DM+US"}
-
-
-def _final_run(ctx: StageContext, out: Path) -> dict[str, Any]:
-    """Refit the chosen configuration (the exported model), and the best configuration of each
-    modality, then compare them on the holdout patients: the study's Table 3, with CIs and
-    paired DeLong tests, on patients rather than image pairs."""
-    from breastfusion.final import final_from_best
-
-    aggregate = json.loads(
-        (Path(ctx.outputs["07_aggregate"]["aggregate_dir"]) / "aggregate.json").read_text()
-    )
-    settings = {**ctx.study.final}
-    if "gradcam_per_category" in ctx.study.report:
-        settings.setdefault("gradcam_per_category", ctx.study.report["gradcam_per_category"])
-    common = {
-        "manifest": ctx.outputs["03_roi"]["manifest"],
-        "splits": ctx.outputs["02_splits"]["splits"],
-        "settings": settings,
-        "debug": ctx.debug,
-        "progress": lambda line: ctx.echo(f"    {line}"),
-    }
-    chosen = aggregate["best"]
-    results = {}
-    ctx.echo(f"    chosen: {chosen.get('trial')} ({chosen.get('modality', '?')})")
-    results["chosen"] = final_from_best(chosen, out=out / "model", **common)
-    per_modality = {}
-    for modality, record in (aggregate.get("best_by_modality") or {}).items():
-        if record.get("trial") == chosen.get("trial"):
-            per_modality[modality] = out / "model"  # already refit above
-            continue
-        no_gradcam = {**common, "settings": {**settings, "gradcam_per_category": 0}}
-        final_from_best(record, out=out / modality, **no_gradcam)
-        per_modality[modality] = out / modality
-    _compare_on_holdout(per_modality, out, settings, ctx.debug)
-    for name in ("gradcam", "config.yaml"):
-        src = out / "model" / name
-        if src.is_dir():
-            shutil.copytree(src, out / name)
-        elif src.is_file():
-            shutil.copy2(src, out / name)
-    return {"final_dir": str(out), "headline": results["chosen"].headline}
-
-
-def _compare_on_holdout(
-    per_modality: dict[str, Path], out: Path, settings: dict[str, Any], debug: bool
-) -> None:
-    """One metrics.json over every modality's holdout predictions (shared patients)."""
-    import pandas as pd
-
-    from breastfusion.evaluate.cli import evaluate_predictions, write_outputs
-
-    def table(name: str) -> pd.DataFrame | None:
-        parts = []
-        for modality, folder in per_modality.items():
-            path = folder / name
-            if path.is_file():
-                df = pd.read_csv(path, dtype={"patient_id": str})
-                df["model"] = MODALITY_NAMES.get(modality, modality)
-                parts.append(df[["model", "patient_id", "y_true", "y_score"]])
-        return pd.concat(parts, ignore_index=True) if parts else None
-
-    holdout = table("predictions_holdout.csv")
-    development = table("oof_development.csv")
-    target = settings.get("target_sensitivity")
-    result, scores = evaluate_predictions(
-        holdout,
-        target_sensitivity=target if development is not None else None,
-        validation=development if target is not None else None,
-        n_boot=int(settings.get("bootstrap", 200 if debug else 2000)),
-        seed=int(settings.get("seed", 0)),
-        source="holdout predictions",
-        validation_source="development out-of-fold predictions",
-    )
-    write_outputs(result, scores, out)
-    from breastfusion.io import atomic_write_text
-
-    atomic_write_text(out / "predictions_holdout.csv", holdout.to_csv(index=False))
-
-
-def _report_run(ctx: StageContext, out: Path) -> dict[str, Any]:
-    from breastfusion.report.html import LAYOUT_FILE, write_report
-
-    # Tell the report (and a later `breastfusion report STUDY_DIR`) where each input lives.
-    atomic_write_json(
-        ctx.root / LAYOUT_FILE,
-        {
-            "manifest": ctx.outputs["01_data"]["manifest"],
-            "splits": ctx.outputs["02_splits"]["splits"],
-            "aggregate": ctx.outputs["07_aggregate"]["aggregate_dir"],
-            "final": ctx.outputs["08_final"]["final_dir"],
-            "study_yaml": str(ctx.study.path),
-        },
-    )
-    path = write_report(ctx.root, out=out / "index.html")
-    return {"report": str(path)}
-
-
-_SEARCH_STAGES = ("04_backbones_dm", "05_backbones_us", "06_fusion")
-
-
-def build_stages(study: StudyConfig) -> list[Stage]:
-    none: Callable[[StageContext], dict[str, Any]] = lambda ctx: {}  # noqa: E731
-    stages = [
-        Stage("01_data", "data: validate the cohort", (), _data_settings, _data_run),
-        Stage(
-            "02_splits",
-            "splits: holdout + patient-level folds",
-            ("01_data",),
-            _splits_settings,
-            _splits_run,
-        ),
-        Stage(
-            "03_roi",
-            "ROI: US lesion detection and cropping",
-            ("01_data", "02_splits"),
-            _roi_settings,
-            _roi_run,
-        ),
-    ]
-    search_deps = ("02_splits", "03_roi")
-    for key, name, title in (
-        ("dm", "04_backbones_dm", "backbone comparison, DM only"),
-        ("us", "05_backbones_us", "backbone comparison, US only"),
-    ):
-        if key in study.backbones:
-            settings, run = _search_stage(key)
-            stages.append(Stage(name, title, search_deps, settings, run, keep_partial=True))
-    if study.fusion:
-        settings, run = _search_stage("fusion")
-        stages.append(
-            Stage(
-                "06_fusion",
-                "fusion search (DM + US)",
-                search_deps,
-                settings,
-                run,
-                keep_partial=True,
-            )
-        )
-    searches = tuple(s.name for s in stages if s.name in _SEARCH_STAGES)
-    stages += [
-        Stage(
-            "07_aggregate",
-            "aggregation: tables and the final configuration",
-            searches,
-            none,
-            _aggregate_run,
-        ),
-        Stage(
-            "08_final",
-            "final model: refit, holdout, export, Grad-CAM",
-            ("02_splits", "03_roi", "07_aggregate"),
-            lambda ctx: dict(ctx.study.final),
-            _final_run,
-        ),
-        Stage(
-            "09_report",
-            "report",
-            ("01_data", "02_splits", "07_aggregate", "08_final"),
-            lambda ctx: dict(ctx.study.report),
-            _report_run,
-        ),
-    ]
-    return stages
+STATE_FILE = ".breastfusion-stages.json"  # what each stage folder holds that the study made
+PAUSE_ENV = "BREASTFUSION_STUDY_PAUSE"  # tests: "STAGE:FOLDER" parks the run at STAGE's start
 
 
 def run_study(
-    study_path: str | Path,
+    study_path: str | os.PathLike,
     *,
-    out: str | Path | None = None,
+    out: str | os.PathLike | None = None,
     resume: bool = False,
     debug: bool = False,
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Run every stage that is not up to date; return the report's path."""
     study = load_study(study_path)
+    if debug:
+        study = study.for_debug()
     root = Path(out).resolve() if out else study.out or Path.cwd() / f"{study.name}_out"
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        root / "study.json",
-        {"name": study.name, "source": str(study.path), "config": study.raw, "debug": debug},
-    )
-    ctx = StageContext(study=study, root=root, debug=debug, resume=resume, echo=echo)
-    stages = build_stages(study)
-    started = time.monotonic()
-    echo(f"study {study.name} -> {root}")
-    for i, stage in enumerate(stages, 1):
-        _run_stage(ctx, stage, i, len(stages))
-    report = Path(ctx.outputs["09_report"]["report"])
-    echo(f"finished in {time.monotonic() - started:.0f} s")
-    _echo_headline(ctx, echo)
-    echo(f"report: {report}")
+    _check_claimable(root)
+    fsguard.claim(root, "study")
+    with fsguard.FolderLock(root, "study"):
+        command = resume_command(study_path, root, study.debug)
+        ctx = StageContext(study, root, resume, echo, resume_command=command)
+        atomic_write_json(runs.StudyDir(root).study_file, _study_record(study, root))
+        stages = build_stages(study)
+        started = time.monotonic()
+        echo(f"study {study.name} -> {root}")
+        ran = 0
+        current = stages[0].name
+        try:
+            for i, stage in enumerate(stages, 1):
+                current = stage.name
+                ran += _run_stage(ctx, stage, i, len(stages))
+        except (KeyboardInterrupt, Interrupted) as exc:
+            code = 143 if isinstance(exc, Terminated) else getattr(exc, "exit_code", 130)
+            raise Interrupted(
+                f"interrupted during stage {current}; nothing unfinished was marked done. "
+                f"Continue with: {command}",
+                exit_code=code,
+            ) from None
+        write_layout(ctx)
+        report = Path(ctx.outputs["09_report"]["report"])
+        echo(f"finished in {time.monotonic() - started:.0f} s")
+        for line in headline(ctx.dir("08_final") / "metrics.json"):
+            echo(line)
+        if study.tracking.mlflow_uri:
+            from breastfusion.study_tracking import log_study
+
+            log_study(ctx, changed=ran > 0)
+        echo(f"report: {report}")
     return report
 
 
-def _echo_headline(ctx: StageContext, echo: Callable[[str], None]) -> None:
-    table = (
-        Path(ctx.outputs.get("07_aggregate", {}).get("aggregate_dir", ""))
-        / "tables"
-        / "table3_modalities.md"
+def resume_command(study_path: str | os.PathLike, root: Path, debug: bool) -> str:
+    words = ["breastfusion", "run", str(study_path), "--out", str(root), "--resume"]
+    return shlex.join(words + (["--debug"] if debug else []))
+
+
+def _check_claimable(root: Path) -> None:
+    """Refuse, before touching it, a non-empty folder that is not a breastfusion study."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"cannot use {root} as a study folder: it is a file")
+    if fsguard.owner(root) is None and fsguard.foreign_entries(root):
+        shown = ", ".join(fsguard.foreign_entries(root)[:5])
+        raise UserError(
+            f"{root} is not empty ({shown}) and is not a breastfusion study folder; a study "
+            "writes only into a new or empty folder, or one an earlier study made"
+        )
+
+
+def _study_record(study: StudyConfig, root: Path) -> dict[str, Any]:
+    source = runs.StudyDir(root).relative({"source": study.path})["source"]
+    return {
+        "name": study.name,
+        "source": source,  # the study file: relative to the root when inside it
+        "config": study.raw,  # as written (paths relative to the study file)
+        "resolved": study.to_dict(portable=True),
+        "debug": study.debug,
+    }
+
+
+# -- one stage ----------------------------------------------------------------------------------
+
+
+def _run_stage(ctx: StageContext, stage: Stage, index: int, total: int) -> int:
+    """Skip the stage when up to date (0), else run it and record it (1)."""
+    study_dir = runs.StudyDir(ctx.root)
+    settings = ctx.study.stage_settings(stage.name)
+    deps = {d: ctx.hashes[d] for d in stage.deps if d in ctx.hashes}
+    digest = sha256_json({"stage": stage.name, "settings": settings, "deps": deps})
+    prefix = f"[{index}/{total}] {stage.title}"
+    record = study_dir.stage_record(stage.name)
+    state = _read_state(ctx.root)
+    if record is not None and record.get("hash") == digest:
+        missing = _missing_outputs(record.get("outputs") or {}, ctx.root)
+        if not missing:
+            ctx.hashes[stage.name] = digest
+            ctx.outputs[stage.name] = record.get("outputs") or {}
+            ctx.echo(f"{prefix}: up to date, skipped")
+            return 0
+        ctx.echo(f"{prefix}: outputs missing ({', '.join(missing)}); re-running")
+    elif record is not None:
+        ctx.echo(f"{prefix}: {changes(record, settings, deps)}; re-running")
+    out = ctx.dir(stage.name)
+    keep = stage.keep_partial and ctx.resume and record is None and out.is_dir()
+    if keep:
+        _check_same_partial(state.get(stage.name) or {}, stage.name, settings, deps)
+    else:
+        _clear_stage_dir(out, state.get(stage.name))
+    ensure_dir(out)
+    entry = {"hash": digest, "settings": settings, "deps": deps, "state": "running"}
+    _write_state(ctx.root, {**state, stage.name: {**entry, "entries": None}})
+    ctx.echo(f"{prefix} ..." + (" (resuming)" if keep else ""))
+    started = time.monotonic()
+    outcome = "failed"
+    try:
+        _pause_hook(stage.name)
+        outputs = stage.run(ctx, out)
+        outcome = "done"
+    except (KeyboardInterrupt, Interrupted):
+        outcome = "interrupted"
+        raise
+    except UserError as exc:
+        raise UserError(f"stage {stage.name} failed: {exc.message}", details=exc.details) from exc
+    finally:
+        entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        state = _read_state(ctx.root)
+        _write_state(
+            ctx.root, {**state, stage.name: {**entry, "state": outcome, "entries": entries}}
+        )
+    seconds = time.monotonic() - started
+    ctx.hashes[stage.name] = digest
+    study_dir.write_stage(
+        stage.name,
+        {
+            "stage": stage.name,
+            "hash": digest,
+            "settings": settings,
+            "deps": deps,
+            "seconds": seconds,
+            "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "outputs": outputs,
+        },
     )
-    if table.is_file():
-        echo(table.read_text(encoding="utf-8").rstrip())
-    final = Path(ctx.outputs.get("08_final", {}).get("final_dir", "")) / "metrics.md"
-    if final.is_file():
-        echo(final.read_text(encoding="utf-8").rstrip())
+    ctx.outputs[stage.name] = study_dir.stage_record(stage.name)["outputs"]
+    ctx.echo(f"{prefix}: done in {seconds:.0f} s")
+    return 1
+
+
+def _missing_outputs(outputs: Mapping[str, Any], root: Path) -> list[str]:
+    """Recorded output paths inside the study that no longer exist (a deleted result)."""
+    inside = str(root.resolve()) + os.sep
+    return sorted(
+        k
+        for k, v in outputs.items()
+        if isinstance(v, str) and v.startswith(inside) and not os.path.exists(v)
+    )
+
+
+def _clear_stage_dir(out: Path, made: Mapping[str, Any] | None) -> None:
+    """Empty a stage folder for a fresh run — only when the study made everything in it."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; a study stage needs that name for its folder")
+    present = {p.name for p in out.iterdir()} - {runs.STAGE_FILE}
+    known = set((made or {}).get("entries") or [])
+    foreign = sorted(present - known)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        why = (
+            "that this study did not make"
+            if made is not None and made.get("entries") is not None
+            else "from a run that ended without recording what it wrote (killed?)"
+        )
+        raise UserError(
+            f"{out} must be cleared to re-run the stage, but it holds {shown} {why}; "
+            "move those away (or delete the folder yourself) and run again"
+        )
+    shutil.rmtree(out)
+
+
+def _check_same_partial(
+    made: Mapping[str, Any], stage: str, settings: Mapping[str, Any], deps: Mapping[str, str]
+) -> None:
+    """``--resume`` continues a partial search only under the settings it started with."""
+    if not made.get("hash"):
+        return
+    old = {"settings": made.get("settings"), "deps": made.get("deps")}
+    if sha256_json(old) != sha256_json({"settings": dict(settings), "deps": dict(deps)}):
+        raise UserError(
+            f"stage {stage} was interrupted under other settings "
+            f"({changes(made, settings, deps)}); restore them to continue it, or run without "
+            "--resume to start the stage again"
+        )
+
+
+def changes(record: Mapping[str, Any], settings: Mapping[str, Any], deps: Mapping[str, str]) -> str:
+    """What differs from a recorded stage, in words (settings by dotted key, and inputs)."""
+    old = record.get("settings")
+    if not isinstance(old, Mapping):
+        return "settings changed (the stage was recorded by an earlier version)"
+    before, after = _flatten(old), _flatten(settings)
+    diffs = [
+        f"{k}: {_short(before.get(k, '(unset)'))} -> {_short(after.get(k, '(unset)'))}"
+        for k in sorted(set(before) | set(after))
+        if before.get(k, "(unset)") != after.get(k, "(unset)")
+    ]
+    parts = []
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        parts.append(f"settings changed ({shown})")
+    old_deps = record.get("deps") or {}
+    moved = [d for d in deps if old_deps.get(d) != deps[d]]
+    if moved:
+        parts.append(f"input changed: {', '.join(moved)}")
+    return "; ".join(parts) or "inputs changed"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_state(root: Path) -> dict[str, Any]:
+    try:
+        return runs.read_json(root / STATE_FILE, "study state file")
+    except UserError:
+        return {}
+
+
+def _write_state(root: Path, state: Mapping[str, Any]) -> None:
+    atomic_write_json(root / STATE_FILE, dict(state))
+
+
+def _pause_hook(stage: str) -> None:
+    """Tests only (``PAUSE_ENV`` = ``STAGE:FOLDER``): park at the start of STAGE, after writing
+    ``FOLDER/paused-STAGE.<pid>``, until a signal ends the process. A no-op otherwise."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    name, _, folder = spec.partition(":")
+    if name != stage or not folder:
+        return
+    (Path(folder) / f"paused-{stage}.{os.getpid()}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    raise UserError(f"{PAUSE_ENV}: nobody stopped the run parked at stage {stage}")
+
+
+# -- the result ---------------------------------------------------------------------------------
+
+
+def headline(metrics_path: Path) -> list[str]:
+    """The holdout headline of ``08_final/metrics.json``: one line per model and per paired
+    comparison (numbers to 3 decimals, or 3 significant digits when small)."""
+    from breastfusion.study_stages import number
+
+    try:
+        metrics = runs.read_json(metrics_path, "holdout metrics")
+    except UserError:
+        return []
+    lines = []
+    for name, m in (metrics.get("models") or {}).items():
+        if not isinstance(m, Mapping):
+            continue
+
+        def ci(key: str, m: Mapping[str, Any] = m) -> str:
+            d = m.get(key) or {}
+            if not isinstance(d, Mapping):
+                return number(d)
+            return (
+                f"{number(d.get('value'))} ({number(d.get('ci_low'))}-{number(d.get('ci_high'))})"
+            )
+
+        lines.append(
+            f"holdout {name}: AUC {ci('auc')}, sensitivity {ci('sensitivity')}, "
+            f"specificity {ci('specificity')} at threshold {number(m.get('threshold'))} "
+            f"({m.get('n_patients', '?')} patients, {m.get('n_malignant', '?')} malignant)"
+        )
+    for c in metrics.get("comparisons") or []:
+        if isinstance(c, Mapping):
+            lines.append(
+                f"holdout {c.get('a')} vs {c.get('b')}: AUC difference "
+                f"{number(c.get('difference'))}, DeLong p = {number(c.get('p_value'))}"
+            )
+    return lines
