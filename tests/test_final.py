@@ -1,341 +1,405 @@
-"""The final model: refit / ensemble, one holdout evaluation, the export and its metadata."""
+"""The final model: refit / ensemble, calibrated operating point, one holdout evaluation, and
+the exported bundle (weights, ONNX, detector, metadata)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import subprocess
-import sys
-import textwrap
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
-from breastfusion import final as FM
+from breastfusion import runs
 from breastfusion.config import Config
-from breastfusion.data.cache import default_spec
 from breastfusion.data.manifest import load_manifest
-from breastfusion.data.splits import load_splits, make_splits, write_splits
-from breastfusion.errors import SplitError, UserError
-from breastfusion.io import atomic_write_json, sha256_file
-from breastfusion.models.fusion import build_model
+from breastfusion.data.preprocess import default_spec
+from breastfusion.data.splits import load_splits
+from breastfusion.errors import ConfigError, SplitError, UserError
+from breastfusion.evaluate.calibration import Calibration, fit_platt, sigmoid
+from breastfusion.final import operating
+from breastfusion.final.bundle import read_bundle
+from breastfusion.final.choice import Choice, locate_best
+from breastfusion.final.members import read_folds, refit_epochs
+from breastfusion.final.refit import check_no_leak
+from breastfusion.final.settings import FinalSettings
+from breastfusion.io import atomic_write_json
+from breastfusion.models.ensemble import CalibratedEnsemble
+from final_support import TRIAL, StudySetup, ensemble_final, refit_final, study_setup
 
-TRIAL = "t0000_lr=1e-04"
-REQUIRED_FILES = (
-    "model.pt",
-    "model.torchscript.pt",
-    "metadata.json",
-    "metrics.json",
-    "metrics.md",
+BUNDLE_FILES = ("metadata.json", "model.pt", "config.yaml", "detector/detector.json")
+OUT_FILES = (
+    "final.json",
     "predictions_holdout.csv",
     "oof_development.csv",
+    "metrics.json",
+    "metrics.md",
     "config.yaml",
     "gradcam/index.csv",
 )
 
 
 @pytest.fixture(scope="module")
-def search_dir(synthetic_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real two-fold search folder of one trial (1 epoch, 32 px): fold models + OOF scores."""
-    from breastfusion.engine.fold import run_fold
-
-    root = tmp_path_factory.mktemp("final")
-    df = load_manifest(synthetic_cohort)
-    splits = root / "splits.json"
-    write_splits(make_splits(df, folds=2, holdout=0.2, seed=0), splits)
-    cfg = Config.from_dict(
-        {
-            "data": {
-                "manifest": str(synthetic_cohort),
-                "splits": str(splits),
-                "cache_dir": str(root / "cache"),  # the shared cohort stays read-only
-                "size_dm": 32,
-                "size_us": 32,
-                "num_workers": 0,
-            },
-            "optim": {"epochs": 1, "batch_size": 8, "patience": 0},
-            "train": {"device": "cpu"},
-        }
-    )
-    search = root / "search"
-    for k in range(2):
-        run_fold(cfg.with_overrides({"data.fold": k}), search / "trials" / TRIAL / f"fold{k}")
-    atomic_write_json(
-        search / "best.json", {"trial": TRIAL, "config": {"optim.lr": 1e-4}, "score": 0.5}
-    )
-    return search
+def setup(synthetic_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> StudySetup:
+    return study_setup(synthetic_cohort, tmp_path_factory.getbasetemp() / "final_study")
 
 
 @pytest.fixture(scope="module")
-def refit_dir(search_dir: Path) -> Path:
-    """``breastfusion final`` end to end (refit, operating point, Grad-CAM)."""
-    out = search_dir.parent / "final"
-    args = ["--search", str(search_dir), "--out", str(out), "--target-sensitivity", "0.9"]
-    args += ["--bootstrap", "200", "--gradcam", "1"]
-    run = CliRunner().invoke(FM.final_command, args, catch_exceptions=False)
-    assert run.exit_code == 0, run.output
-    assert "holdout" in run.output and "AUC" in run.output
-    return out
+def refit_dir(setup: StudySetup) -> Path:
+    return refit_final(setup)[0]
 
 
 def _meta(out: Path) -> dict:
-    return json.loads((out / "metadata.json").read_text())
+    return json.loads((out / "bundle" / "metadata.json").read_text())
 
 
-def _cohort(out: Path) -> tuple[Config, pd.DataFrame, object]:
-    cfg = Config.from_dict(_meta(out)["config"])
-    df = load_manifest(cfg.data.manifest)
-    return cfg, df, load_splits(cfg.data.splits, df)
+def _splits(setup: StudySetup):
+    return load_splits(setup.splits, load_manifest(setup.manifest))
 
 
-def test_final_command_writes_every_output(refit_dir: Path):
-    for name in REQUIRED_FILES:
+def _saved(out: Path) -> pd.Series:
+    preds = pd.read_csv(out / "predictions_holdout.csv", dtype={"patient_id": str})
+    return preds.set_index("patient_id")["y_score"].sort_index()
+
+
+def _holdout_scores(model: torch.nn.Module, setup: StudySetup, cfg: Config) -> pd.Series:
+    from breastfusion.engine.data import build_dataset
+    from breastfusion.final.scoring import TorchRunner, score_dataset
+
+    cfg = cfg.with_overrides({"data.manifest": str(setup.manifest), "data.splits": str(setup.splits),
+                              "data.cache_dir": str(setup.root / "cache")})  # fmt: skip
+    ds = build_dataset(cfg, load_manifest(setup.manifest), _splits(setup).holdout, train=False)
+    scores = score_dataset(TorchRunner(model), ds, cfg.branches, 8)
+    return scores.set_index("patient_id")["y_score"].sort_index()
+
+
+# -- the command and its outputs -----------------------------------------------------------------
+
+
+def test_final_command_writes_every_output(refit_dir: Path, setup: StudySetup):
+    output = refit_final(setup)[1]
+    assert "holdout" in output and "AUC" in output and "refit epoch 1/1" in output
+    assert "elapsed" in output and "ETA" in output
+    for name in OUT_FILES:
         assert (refit_dir / name).is_file(), name
-    leftovers = [p.name for p in refit_dir.parent.iterdir() if p.name.endswith(".tmp")]
-    assert leftovers == []
+    for name in BUNDLE_FILES:
+        assert (refit_dir / "bundle" / name).is_file(), name
+    assert not (refit_dir / "bundle" / "model.onnx").exists()  # --no-onnx
+    assert not (refit_dir / ".staging.tmp").exists()
     metrics = json.loads((refit_dir / "metrics.json").read_text())
     (entry,) = metrics["models"].values()
     assert entry["operating_point"]["target_sensitivity"] == 0.9
     assert entry["threshold"] == entry["operating_point"]["threshold"]
+    assert entry["score_scale"] == "logit"
     preds = pd.read_csv(refit_dir / "predictions_holdout.csv", dtype={"patient_id": str})
-    assert list(preds.columns) == ["model", "patient_id", "y_true", "y_score"]
-    assert preds["patient_id"].is_unique and preds["y_score"].between(0, 1).all()
+    assert list(preds.columns) == [
+        "model", "patient_id", "y_true", "y_score", "probability", "call", "n_samples",
+    ]  # fmt: skip
+    assert preds["patient_id"].is_unique
+    np.testing.assert_allclose(preds["probability"], sigmoid(preds["y_score"].to_numpy()))
+    called = np.where(preds["y_score"] >= entry["threshold"], "malignant", "benign")
+    assert list(preds["call"]) == list(called)
     index = pd.read_csv(refit_dir / "gradcam" / "index.csv", dtype={"patient_id": str})
-    assert list(index.columns) == ["patient_id", "category", "branch", "file", "score"]
+    assert list(index.columns) == ["patient_id", "category", "branch", "file", "raw_file", "score"]
     assert len(index) and set(index["branch"]) == {"dm", "us"}
     assert all((refit_dir / "gradcam" / f).is_file() for f in index["file"])
+    assert all((refit_dir / "gradcam" / f).is_file() for f in index["raw_file"])
     assert set(index["patient_id"]) <= set(preds["patient_id"])
 
 
-def test_threshold_comes_from_development_oof(refit_dir: Path):
+def test_threshold_comes_from_pooled_calibrated_oof(refit_dir: Path, setup: StudySetup):
     from breastfusion.evaluate.metrics import patient_scores, threshold_for_sensitivity
 
     oof = pd.read_csv(refit_dir / "oof_development.csv", dtype={"patient_id": str})
-    _, _, splits = _cohort(refit_dir)
+    splits = _splits(setup)
     assert set(oof["patient_id"]) <= set(splits.development)
     assert not set(oof["patient_id"]) & set(splits.holdout)
+    # y_score is each fold's own calibration of its raw log-odds
+    for fold in runs.TrialDir(setup.search / "trials" / TRIAL).folds():
+        cal = Calibration.from_dict(fold.metrics()["calibration"])
+        part = oof[oof["fold"] == fold.k]
+        np.testing.assert_allclose(part["y_score"], cal.apply(part["y_score_raw"]), rtol=1e-12)
     p = patient_scores(oof)
     expected = threshold_for_sensitivity(p["y_true"].to_numpy(), p["y_score"].to_numpy(), 0.9)
     metrics = json.loads((refit_dir / "metrics.json").read_text())
     (entry,) = metrics["models"].values()
-    assert entry["threshold"] == pytest.approx(expected, abs=1e-6)
-
-
-def test_metadata_has_every_required_field(refit_dir: Path):
     meta = _meta(refit_dir)
-    cfg = Config.from_dict(meta["config"])
+    assert entry["threshold"] == expected  # full precision, never rounded
+    assert meta["operating_point"]["threshold"] == expected
+    assert meta["operating_point"]["threshold_probability"] == pytest.approx(sigmoid(expected))
+    assert "refit model's scores" in meta["operating_point"]["rule"]
+
+
+def test_refit_carries_the_mean_fold_calibration_and_says_so(refit_dir: Path, setup: StudySetup):
+    meta = _meta(refit_dir)
+    facts = read_folds(runs.TrialDir(setup.search / "trials" / TRIAL).folds())
+    (cal,) = meta["model"]["calibrations"]
+    assert cal["a"] == np.mean([f.calibration.a for f in facts])
+    assert cal["b"] == np.mean([f.calibration.b for f in facts])
+    assert "transferred from the fold models" in meta["model"]["calibration_source"]
+    assert "not fitted on the refit model" in meta["training"]["calibration"]
+    state = torch.load(refit_dir / "bundle" / "model.pt", weights_only=True)
+    assert state["cal_a"].dtype == torch.float64 and float(state["cal_a"][0]) == cal["a"]
+
+
+def test_metadata_describes_inputs_exactly_and_names_no_patient(refit_dir: Path, setup: StudySetup):
+    meta = _meta(refit_dir)
+    assert meta["format"] == "breastfusion-model/2"
     assert meta["intended_use"] == "research use only, not for diagnosis"
-    assert meta["config_hash"] == cfg.config_hash()
-    assert [i["name"] for i in meta["inputs"]] == ["dm", "us"]
-    for item in meta["inputs"]:
-        size = getattr(cfg.data, f"size_{item['name']}")
-        assert item["shape"] == ["batch", 1, size, size]
-        assert item["value_range"] == [0.0, 1.0] and item["channels"] == 1
-        assert "grey" in item["channel"]
-        spec = default_spec(item["name"], size, cfg.data.resize)
-        assert meta["preprocessing"]["branches"][item["name"]]["hash"] == spec.hash
-    assert meta["preprocessing"]["branches"]["dm"]["resize"] == "pad"
-    assert meta["preprocessing"]["branches"]["us"]["resize"] == "squash"
-    assert len(meta["preprocessing"]["hash"]) == 64
-    holdout = meta["metrics"]["holdout"]
-    for key in ("auc", "auc_delong", "sensitivity", "specificity", "precision", "accuracy"):
-        assert {"value", "ci_low", "ci_high"} <= set(holdout[key]), key
-    assert "operating_point" in holdout and meta["metrics"]["method"]["auc"]
+    cfg = Config.from_dict(meta["config"])
+    assert cfg.data.manifest is None and cfg.data.splits is None  # no training-data paths
+    for branch in ("dm", "us"):
+        spec = default_spec(branch, getattr(cfg.data, f"size_{branch}"), cfg.data.resize)
+        assert meta["preprocessing"]["branches"][branch] == json.loads(json.dumps(spec.describe()))
+    roi = meta["roi"]
+    assert roi["mode"] == "detect" and roi["detector"] == "detector"
+    assert roi["crop"]["margin"] == 0.1 and "central 0.6" in roi["rule"]
     data = meta["training_data"]
-    assert data["manifest_sha256"] == sha256_file(cfg.data.manifest)
-    assert data["splits_sha256"] == sha256_file(cfg.data.splits)
-    for part in ("train", "holdout"):
-        assert set(data[part]["patients"]) == {"benign", "malignant"}
-        assert set(data[part]["images"]) == {"DM", "US"}
+    assert data["holdout_in_training"] == 0 and "patient_ids" not in data
     assert data["train"]["patients"]["malignant"] > 0
-    assert meta["training"]["epochs"] == 1 and "mean best epoch" in meta["training"]["epochs_rule"]
+    assert meta["training"]["epochs"] == 1 and "reported weights" in meta["training"]["epochs_rule"]
     assert meta["software"]["torch"] == importlib.metadata.version("torch")
-    assert meta["output"]["malignant_score"] == "softmax(output, dim=1)[:, 1]"
+    assert meta["metrics"]["holdout"]["auc"]["ci_low"] is not None
+    text = "".join(
+        p.read_text(errors="replace") for p in (refit_dir / "bundle").rglob("*") if p.is_file()
+        and p.suffix in (".json", ".yaml")
+    )  # fmt: skip
+    ids = set(load_manifest(setup.manifest)["patient_id"])
+    assert not [p for p in ids if p in text]
+    assert str(setup.root) not in text and "/tmp" not in text  # relative paths only
 
 
-def test_training_set_never_contains_a_holdout_patient(refit_dir: Path):
+def test_bundle_files_honour_the_umask(refit_dir: Path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in (refit_dir / "bundle").rglob("*"):
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o777 if p.is_dir() else 0o666) & ~umask, p
+
+
+def test_training_set_never_contains_a_holdout_patient(refit_dir: Path, setup: StudySetup):
     meta = _meta(refit_dir)
-    _, df, splits = _cohort(refit_dir)
-    assert meta["training_data"]["holdout_in_training"] == 0
     n_train = sum(meta["training_data"]["train"]["patients"].values())
-    assert 0 < n_train <= len(splits.development)
+    assert 0 < n_train <= len(_splits(setup).development)
     with pytest.raises(SplitError, match="P9"):
-        FM.check_no_leak(["P1", "P9"], ["P9", "P8"])
+        check_no_leak(["P1", "P9"], ["P9", "P8"])
+
+
+def test_bundle_reloads_with_the_same_scores(refit_dir: Path, setup: StudySetup):
+    bundle = read_bundle(refit_dir)  # the final folder or its bundle/ both work
+    assert bundle.path == refit_dir / "bundle"
+    got = _holdout_scores(bundle.load_model(), setup, bundle.config)
+    pd.testing.assert_series_equal(got, _saved(refit_dir), atol=1e-9, rtol=0, check_names=False)
+
+
+# -- the ensemble -------------------------------------------------------------------------------
+
+
+def test_ensemble_averages_calibrated_fold_models(setup: StudySetup):
+    from breastfusion.final.members import load_member
+
+    out = ensemble_final(setup)
+    meta = _meta(out)
+    assert meta["mode"] == "ensemble" and meta["model"]["members"] == 2
+    assert (out / "bundle" / "model.onnx").is_file() and meta["model"]["onnx"]["opset"] >= 17
+    choice = locate_best(setup.search)
+    facts = read_folds(list(choice.folds))
+    chosen = Config.from_dict(choice.config)
+    members = []
+    for f in facts:
+        model, cfg = load_member(f, chosen)
+        raw = _holdout_scores(CalibratedEnsemble([model], [1.0], [0.0], cfg.branches), setup, cfg)
+        members.append(f.calibration.apply(raw.to_numpy()))
+        assert meta["model"]["calibrations"][len(members) - 1]["a"] == f.calibration.a
+    expected = pd.Series(np.mean(members, axis=0), index=raw.index)
+    pd.testing.assert_series_equal(_saved(out), expected, atol=1e-9, rtol=0, check_names=False)
+    assert meta["fallbacks"] == {"dm": "../../final_dm/bundle"}
+
+
+def test_onnx_agrees_with_torch(setup: StudySetup):
+    from breastfusion.final.export import example_inputs
+
+    bundle = read_bundle(ensemble_final(setup))
+    inputs = [x.numpy() for x in example_inputs(bundle.config, batch=7, seed=3)]
+    torch_out = bundle.runner("torch")(inputs)
+    onnx_out = bundle.runner("onnxruntime")(inputs)
+    assert onnx_out.shape == (7, 2) and np.ptp(torch_out[:, 1]) > 0
+    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4, rtol=0)
+
+
+# -- operating points that transfer ---------------------------------------------------------------
+
+
+class _Member(torch.nn.Module):
+    """Raw log-odds = scale · (mean intensity − offset): fold models whose scales differ by
+    orders of magnitude, as briefly trained fold models do."""
+
+    def __init__(self, scale: float, offset: float):
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.scale * (x.double().mean(dim=(1, 2, 3)) - self.offset)
+        return torch.stack([-z / 2, z / 2], dim=1)
+
+
+def _cohort(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    v = np.clip(0.5 + 0.1 * y + rng.normal(0, 0.08, n), 0, 1)
+    return torch.tensor(v, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 4, 4), y
+
+
+def test_ensemble_threshold_from_calibrated_oof_transfers_to_the_holdout():
+    members = [_Member(10.0 ** (3 * k - 5), 0.5 + 0.03 * k) for k in range(4)]
+    parts, cals = [], []
+    for k, m in enumerate(members):
+        x, y = _cohort(400, seed=k)
+        raw = m(x).double()[:, 1] - m(x).double()[:, 0]
+        cal = fit_platt(y, raw.numpy())
+        cals.append(cal)
+        ids = [f"f{k}_{i}" for i in range(len(y))]
+        parts.append(pd.DataFrame({"fold": k, "patient_id": ids, "y_true": y,
+                                   "y_score": cal.apply(raw.numpy())}))  # fmt: skip
+    spans = [np.ptp(m(_cohort(50, 9)[0])[:, 1].numpy()) for m in members]
+    assert max(spans) / min(spans) > 1e8  # the premise: raw scales differ enormously
+    op = operating.from_oof(pd.concat(parts), 0.9, "the ensemble")
+    ensemble = CalibratedEnsemble(members, [c.a for c in cals], [c.b for c in cals], ["us"])
+    x, y = _cohort(3000, seed=99)
+    with torch.no_grad():
+        c = ensemble(x)[:, 1].numpy()
+    called = c >= op.threshold
+    sensitivity, specificity = called[y == 1].mean(), (~called[y == 0]).mean()
+    assert abs(sensitivity - 0.9) < 0.05, (sensitivity, specificity)
+    assert specificity > 0.3 and op.warnings == ()
+
+
+def test_an_unusable_target_is_warned_about_with_the_achievable_points():
+    oof = pd.DataFrame({
+        "fold": 0, "patient_id": [f"p{i}" for i in range(8)],
+        "y_true": [1, 1, 1, 1, 0, 0, 0, 0],
+        "y_score": [-3.0, -2.0, 1.0, 2.0, -1.0, 0.0, 0.5, 1.5],
+    })  # fmt: skip
+    op = operating.from_oof(oof, 1.0, "the model")
+    assert op.threshold == -3.0
+    assert op.warnings and "every benign score" in op.warnings[0]
+    assert op.achievable and {"sensitivity", "specificity", "threshold"} <= set(op.achievable[0])
+    assert op.to_dict()["warnings"] == list(op.warnings)
+
+
+# -- errors, settings, epochs --------------------------------------------------------------------
 
 
 def test_refit_trains_on_development_only_and_a_crash_leaves_no_output(
-    search_dir: Path, monkeypatch: pytest.MonkeyPatch
+    setup: StudySetup, monkeypatch: pytest.MonkeyPatch
 ):
     """The loader handed to ``fit`` holds development patients only; a failure late in the
-    export (here: Grad-CAM) leaves no ``out`` folder and no temporary folder behind."""
+    export (here: Grad-CAM) leaves no ``out`` folder and no staging folder behind."""
     import breastfusion.engine.loop as loop
     import breastfusion.explain.gradcam as gradcam
+    from breastfusion.final.run import final_model
 
     seen: set[str] = set()
 
     def fake_fit(cfg, train_loader, val_loader, model, **kwargs):
         assert val_loader is None  # a refit has no validation fold
         seen.update(train_loader.dataset.sample_patient_ids)
-        return loop.FitResult(
-            best_epoch=1, best_val_auc=float("nan"), epochs_run=1, stop_reason="completed"
-        )
+        return loop.FitResult(best_epoch=1, best_val_auc=float("nan"), epochs_run=1,
+                              stop_reason="completed")  # fmt: skip
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(loop, "fit", fake_fit)
     monkeypatch.setattr(gradcam, "write_gallery", boom)
-    choice = FM.locate_best(search_dir)
-    out = search_dir.parent / "final_crash"
+    out = setup.root / "final_crash"
+    settings = {"bootstrap": 200, "onnx": False, "gradcam_per_category": 1}
     with pytest.raises(RuntimeError, match="boom"):
-        FM.final_model(choice.config, None, None, out, fold_dirs=choice.fold_dirs, n_boot=200)
-    cfg = Config.from_dict(choice.config)
-    df = load_manifest(cfg.data.manifest)
-    splits = load_splits(cfg.data.splits, df)
+        final_model(locate_best(setup.search), out, settings=settings)
+    splits = _splits(setup)
     assert seen and not seen & set(splits.holdout)
     assert seen <= set(splits.development)
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".final_crash")]
 
 
-def _holdout_scores(model: torch.nn.Module, out: Path) -> pd.Series:
-    cfg, df, splits = _cohort(out)
-    pred = FM.predict_patients(model, cfg, df, splits.holdout, "cpu")
-    return pred.patients.set_index("patient_id")["y_score"]
+def test_user_errors_name_what_is_wrong(setup: StudySetup, tmp_path: Path):
+    from breastfusion.final.run import final_from_best, final_model
 
-
-def _saved_scores(out: Path) -> pd.Series:
-    preds = pd.read_csv(out / "predictions_holdout.csv", dtype={"patient_id": str})
-    return preds.set_index("patient_id")["y_score"]
-
-
-def test_state_dict_reloads_into_build_model_with_the_same_scores(refit_dir: Path):
-    meta = _meta(refit_dir)
-    model = build_model(**meta["architecture"])
-    model.load_state_dict(torch.load(refit_dir / "model.pt", weights_only=True))
-    got = _holdout_scores(model.eval(), refit_dir)
-    saved = _saved_scores(refit_dir)
-    pd.testing.assert_series_equal(got.sort_index(), saved.sort_index(), atol=1e-6, rtol=0)
-
-
-_CLEAN_RUN = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-    from pathlib import Path
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "breastfusion":
-                raise ImportError("breastfusion is not installed here")
-
-    # The venv's editable install puts platform/ on sys.path: drop it, and refuse the import.
-    sys.path = [p for p in sys.path if not (Path(p or ".") / "breastfusion").is_dir()]
-    sys.meta_path.insert(0, Block())
-    try:
-        import breastfusion  # noqa: F401
-        raise SystemExit("breastfusion importable")
-    except ImportError:
-        pass
-    import torch
-
-    model = torch.jit.load(sys.argv[1], map_location="cpu")
-    inputs = torch.load(sys.argv[2])
-    with torch.no_grad():
-        scores = torch.softmax(model(*inputs), dim=1)[:, 1]
-    print(json.dumps({"scores": scores.tolist(),
-                      "leaked": sorted(m for m in sys.modules if m.startswith("breastfusion"))}))
-    """
-)
-
-
-def _torchscript_in_clean_process(out: Path, inputs: tuple[torch.Tensor, ...], tmp: Path) -> list:
-    script, data = tmp / "run.py", tmp / "inputs.pt"
-    script.write_text(_CLEAN_RUN)
-    torch.save(inputs, data)
-    proc = subprocess.run(
-        [sys.executable, "-I", str(script), str(out / "model.torchscript.pt"), str(data)],
-        capture_output=True,
-        text=True,
-        cwd=tmp,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["leaked"] == []
-    return result["scores"]
-
-
-def test_torchscript_runs_on_cpu_without_breastfusion(refit_dir: Path, tmp_path: Path):
-    cfg = Config.from_dict(_meta(refit_dir)["config"])
-    gen = torch.Generator().manual_seed(5)
-    inputs = tuple(
-        torch.rand(3, 1, s, s, generator=gen) for s in (cfg.data.size_dm, cfg.data.size_us)
-    )
-    model = FM.load_final_model(refit_dir)
-    with torch.no_grad():
-        expected = torch.softmax(model(*inputs), dim=1)[:, 1].tolist()
-    got = _torchscript_in_clean_process(refit_dir, inputs, tmp_path)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
-
-
-def test_ensemble_averages_the_fold_models(search_dir: Path, tmp_path: Path):
-    from breastfusion.engine.checkpoint import load_checkpoint, load_weights
-    from breastfusion.engine.fold import build_model_from_config
-
-    choice = FM.locate_best(search_dir)
-    out = tmp_path / "final_ensemble"
-    result = FM.final_model(
-        choice.config,
-        None,
-        None,
-        out,
-        mode="ensemble",
-        fold_dirs=choice.fold_dirs,
-        gradcam_per_category=1,
-        n_boot=200,
-    )
-    assert result.mode == "ensemble" and (out / "gradcam" / "index.csv").is_file()
-    members = []
-    for d in choice.fold_dirs:
-        ckpt = load_checkpoint(d / "model.pt")
-        m = build_model_from_config(Config.from_dict(ckpt.config))
-        load_weights(m, ckpt)
-        members.append(_holdout_scores(m.eval(), out))
-    expected = sum(members) / len(members)
-    saved = _saved_scores(out)
-    pd.testing.assert_series_equal(
-        saved.sort_index(), expected.sort_index(), atol=1e-6, rtol=0, check_names=False
-    )
-    reloaded = _holdout_scores(FM.load_final_model(out), out)
-    pd.testing.assert_series_equal(reloaded.sort_index(), saved.sort_index(), atol=1e-6, rtol=0)
-
-
-def test_user_errors_name_what_is_missing(search_dir: Path, tmp_path: Path):
-    choice = FM.locate_best(search_dir)
+    choice = locate_best(setup.search)
+    bare = Choice(config=choice.config, source="a config file")
     with pytest.raises(UserError, match="out-of-fold"):
-        FM.final_model(choice.config, None, None, tmp_path / "a", target_sensitivity=0.9)
-    empty = [tmp_path / "fold0"]
-    empty[0].mkdir()
-    with pytest.raises(UserError, match=r"fold checkpoints.*fold0[/\\]model.pt"):
-        FM.final_model(choice.config, None, None, tmp_path / "b", mode="ensemble", fold_dirs=empty)
-    with pytest.raises(UserError, match="unknown setting 'colour'"):
-        FM.final_from_best(search_dir, out=tmp_path / "c", settings={"colour": 1})
+        final_model(bare, tmp_path / "a", settings={"target_sensitivity": 0.9})
+    with pytest.raises(UserError, match="mode ensemble needs"):
+        final_model(bare, tmp_path / "b", settings={"mode": "ensemble"})
+    with pytest.raises(ConfigError, match=r"final\.colour.*allowed under final: mode"):
+        final_from_best(setup.search, out=tmp_path / "c", settings={"colour": 1})
     with pytest.raises(UserError, match="no chosen trial"):
-        FM.locate_best({"trial": None, "note": "no trial finished every fold"})
-    assert not any((tmp_path / n).exists() for n in "abc")
+        locate_best({"trial": None, "note": "no trial finished every fold"})
+    with pytest.raises(UserError, match="detector_dir: .*not a detector bundle"):
+        final_model(choice, tmp_path / "d", detector_dir=tmp_path)
+    foreign = tmp_path / "e"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty.*notes.txt"):
+        final_model(choice, foreign, settings={"onnx": False, "bootstrap": 200})
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
-def test_refit_epochs_is_the_rounded_mean_best_epoch(tmp_path: Path):
-    dirs = []
-    for k, best in enumerate((2, 3, 3)):
-        d = tmp_path / f"fold{k}"
-        atomic_write_json(d / "metrics.json", {"best_epoch": best})
-        dirs.append(d)
-    assert FM.refit_epochs(dirs, 200)[0] == 3
-    assert FM.refit_epochs(dirs[:2], 200)[0] == 3  # 2.5 rounds half up
-    epochs, rule = FM.refit_epochs([tmp_path / "nothing"], 200)
+def test_a_damaged_fold_model_is_explained_in_words(setup: StudySetup, tmp_path: Path):
+    import shutil
+
+    from breastfusion.final.members import load_member
+
+    fold = tmp_path / "fold0"
+    shutil.copytree(setup.fold_dirs[0], fold)
+    data = (fold / "model.pt").read_bytes()
+    (fold / "model.pt").write_bytes(data[: len(data) // 2])
+    (facts,) = read_folds([runs.FoldDir(fold, 0)])
+    chosen = Config.from_dict(locate_best(setup.search).config)
+    with pytest.raises(UserError, match=r"model.pt: the fold model file is damaged or incomplete"):
+        load_member(facts, chosen)
+
+
+def test_settings_are_strict_and_name_their_keys():
+    assert FinalSettings.from_dict(None) == FinalSettings()
+    debug = FinalSettings.from_dict({"bootstrap": 500}, debug=True)
+    assert debug.bootstrap == 500 and debug.gradcam_per_category == 1
+    assert FinalSettings.from_dict({"target_sensitivity": 1}).target_sensitivity == 1.0
+    for raw, key in (
+        ({"mode": "average"}, "final.mode"),
+        ({"target_sensitivity": 1.5}, "final.target_sensitivity"),
+        ({"epochs": 0}, "final.epochs"),
+        ({"bootstrap": 10}, "final.bootstrap"),
+        ({"device": "tpu"}, "final.device"),
+        ({"keep_patient_ids": "yes"}, "final.keep_patient_ids"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            FinalSettings.from_dict(raw)
+    with pytest.raises(ConfigError, match=r"study\.final\.x"):
+        FinalSettings.from_dict({"x": 1}, prefix="study.final")
+
+
+def _fold(tmp: Path, k: int, **metrics) -> runs.FoldDir:
+    atomic_write_json(
+        tmp / f"fold{k}" / "metrics.json", {"calibration": {"a": 1, "b": 0}, **metrics}
+    )
+    return runs.FoldDir(tmp / f"fold{k}", k)
+
+
+def test_refit_epochs_follow_the_folds_reported_models(tmp_path: Path):
+    facts = read_folds([_fold(tmp_path, k, reported_epoch=e) for k, e in enumerate((2, 3, 3))])
+    assert refit_epochs(facts, 200)[0] == 3
+    assert refit_epochs(facts[:2], 200)[0] == 3  # 2.5 rounds half up
+    # patience 0: the fold reported its last epoch (5), not its best-AUC epoch (2)
+    last = read_folds([_fold(tmp_path / "x", 0, reported_epoch=5, best_epoch=2, epochs_run=5)])
+    assert refit_epochs(last, 200)[0] == 5
+    epochs, rule = refit_epochs(read_folds([_fold(tmp_path / "y", 0)]), 200)
     assert epochs == 200 and "optim.epochs" in rule
+    with pytest.raises(UserError, match="no calibration"):
+        atomic_write_json(tmp_path / "z" / "fold0" / "metrics.json", {"best_epoch": 1})
+        read_folds([runs.FoldDir(tmp_path / "z" / "fold0", 0)])

@@ -151,17 +151,93 @@ def test_write_gallery_writes_overlays_and_index(fusion_model, tmp_path: Path):
         {"patient_id": ["p1", "p2", "p3"], "y_true": [1, 1, 0], "y_score": [0.9, 0.2, 0.7]}
     )
     index = G.write_gallery(fusion_model, ds, preds, 0.5, tmp_path / "gradcam", per_category=2)
-    assert list(index.columns) == ["patient_id", "category", "branch", "file", "score"]
+    assert list(index.columns) == ["patient_id", "category", "branch", "file", "raw_file", "score"]
     assert len(index) == 6  # 3 patients × 2 branches
     assert set(index["category"]) == {"true_positive", "false_negative", "false_positive"}
     on_disk = pd.read_csv(tmp_path / "gradcam" / "index.csv", dtype={"patient_id": str})
-    assert on_disk[["patient_id", "branch", "file"]].equals(index[["patient_id", "branch", "file"]])
+    cols = ["patient_id", "branch", "file", "raw_file"]
+    assert on_disk[cols].equals(index[cols])
+    first = {"p1": 0, "p2": 2, "p3": 3}
     for row in index.itertuples():
         img = Image.open(tmp_path / "gradcam" / row.file)
         assert img.mode == "RGB" and img.size == (SIZES[row.branch],) * 2
         rgb = np.asarray(img).astype(int)
         assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 0  # coloured, not the grey image alone
+        # beside it, the model's own input, un-overlaid (the patient's first sample)
+        raw = np.asarray(Image.open(tmp_path / "gradcam" / row.raw_file))
+        expected = ds.samples[first[row.patient_id]][row.branch][0].numpy()
+        assert raw.shape == expected.shape and row.raw_file.startswith("raw/")
+        np.testing.assert_array_equal(raw, np.rint(expected * 255).astype(np.uint8))
     assert (tmp_path / "gradcam" / "captions.json").is_file()
+    # the report gallery globs the top folder: raw images must not show up there as tiles
+    assert sorted(p.name for p in (tmp_path / "gradcam").glob("*.png")) == sorted(index["file"])
+
+
+def test_gallery_without_labels_groups_patients_by_call(fusion_model, tmp_path: Path):
+    ds = _TinyPairs(["p1", "p2", "p3"])
+    preds = pd.DataFrame({"patient_id": ["p1", "p2", "p3"], "y_score": [2.0, -1.0, 0.5]})
+    index = G.write_gallery(fusion_model, ds, preds, 0.0, tmp_path / "g", per_category=1)
+    got = dict(zip(index["category"], index["patient_id"], strict=False))
+    assert got == {"called_malignant": "p1", "called_benign": "p2"}
+
+
+def _calibrated(members, cals):
+    from breastfusion.models.ensemble import CalibratedEnsemble
+
+    a, b = zip(*cals, strict=True)
+    return CalibratedEnsemble(members, a, b, ("dm", "us")).eval()
+
+
+def hand_gradcam_log_odds(model, inputs, branch):
+    """``hand_gradcam`` of the malignant log-odds logit[1] - logit[0] (what a calibrated
+    model's output[:, 1] is, up to a positive factor that Grad-CAM's scaling removes)."""
+
+    class LogOdds(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *x):
+            logits = self.m(*x)
+            return torch.stack([logits[:, 0] * 0, logits[:, 1] - logits[:, 0]], dim=1)
+
+        def gradcam_target_layer(self, b):
+            return self.m.gradcam_target_layer(b)
+
+    wrapped = LogOdds(model)
+    wrapped.input_names = ("dm", "us")
+    return hand_gradcam(wrapped, inputs, branch)
+
+
+@pytest.mark.parametrize("branch", ["dm", "us"])
+def test_calibrated_model_explains_its_log_odds(fusion_model, branch):
+    inputs = _inputs(SIZES)
+    calibrated = _calibrated([fusion_model], [(2.5, -0.7)])
+    got = G.gradcam_maps(calibrated, inputs)[branch]
+    expected = hand_gradcam_log_odds(fusion_model, inputs, branch)
+    assert expected.max() > 0.9
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_ensemble_map_per_branch_aggregates_its_members(fusion_model):
+    torch.manual_seed(1)
+    other = build_model("fusion").eval()
+    inputs = _inputs(SIZES)
+    cals = [(1e-3, 0.2), (40.0, -1.0)]  # scales that differ: the maps must not care
+    ensemble = _calibrated([fusion_model, other], cals)
+    maps = G.gradcam_maps(ensemble, inputs)
+    assert set(maps) == {"dm", "us"}
+    for branch, got in maps.items():
+        per_member = [G.gradcam_maps(_calibrated([m], [c]), inputs)[branch]
+                      for m, c in zip([fusion_model, other], cals, strict=True)]  # fmt: skip
+        mean = np.mean(per_member, axis=0)
+        lo = mean.min(axis=(1, 2), keepdims=True)
+        hi = mean.max(axis=(1, 2), keepdims=True)
+        # pytorch-grad-cam min-max scales each layer's map before upsampling it, and a member's
+        # own map is scaled again after (bilinear upsampling misses the maximum by ~1e-4):
+        # the aggregate matches to ~1e-3, far below the members' difference (> 0.1)
+        np.testing.assert_allclose(got, (mean - lo) / (hi - lo + 1e-7), atol=2e-3)
+        assert np.abs(per_member[0] - per_member[1]).max() > 0.1  # two different members
 
 
 def test_pytorch_grad_cam_is_imported_only_in_gradcam_module():

@@ -15,7 +15,12 @@ shows the little evidence the model found).
 Case selection (:func:`select_cases`) works on patient-level holdout scores at the operating
 threshold: true positives (highest scores first), false negatives (lowest scores first: the
 most confidently missed cancers) and false positives (highest scores first: the most
-confident false alarms).
+confident false alarms). Without labels (``breastfusion predict`` on new patients) the
+categories are the calls: called malignant (highest first) and called benign (lowest first).
+
+The gallery (:func:`write_gallery`) writes, per tile, the overlay and the model's own input
+image un-overlaid (``raw/``, the preprocessed grey image), so a report can show them side by
+side; ``index.csv`` names both.
 """
 
 from __future__ import annotations
@@ -38,9 +43,18 @@ log = logging.getLogger(__name__)
 
 MALIGNANT = 1
 CATEGORIES = ("true_positive", "false_negative", "false_positive")
+UNLABELLED_CATEGORIES = ("called_malignant", "called_benign")
 INDEX_NAME = "index.csv"
 CAPTIONS_NAME = "captions.json"
-_LABELS = {"true_positive": "TP", "false_negative": "FN", "false_positive": "FP"}
+RAW_DIR = "raw"  # the un-overlaid input images, beside the overlays
+INDEX_COLUMNS = ["patient_id", "category", "branch", "file", "raw_file", "score"]
+_LABELS = {
+    "true_positive": "TP",
+    "false_negative": "FN",
+    "false_positive": "FP",
+    "called_malignant": "called malignant",
+    "called_benign": "called benign",
+}
 
 
 # -- the wrapper and the maps -------------------------------------------------------------------
@@ -159,6 +173,27 @@ def select_cases(predictions: pd.DataFrame, threshold: float, n: int) -> pd.Data
     return picked[["patient_id", "category", "y_true", "y_score"]]
 
 
+def select_unlabelled(predictions: pd.DataFrame, threshold: float, n: int) -> pd.DataFrame:
+    """Up to ``n`` patients per call (``UNLABELLED_CATEGORIES``) when there are no labels:
+    called malignant (highest scores first) and called benign (lowest first)."""
+    df = predictions[["patient_id", "y_score"]].copy()
+    called = df["y_score"] >= threshold
+    parts = []
+    for category, mask, descending in (
+        ("called_malignant", called, True),
+        ("called_benign", ~called, False),
+    ):
+        sub = df[mask].sort_values("patient_id")
+        sub = sub.sort_values("y_score", ascending=not descending, kind="stable")
+        parts.append(sub.head(max(n, 0)).assign(category=category))
+    picked = pd.concat(parts, ignore_index=True).assign(y_true=np.nan)
+    return picked[["patient_id", "category", "y_true", "y_score"]]
+
+
+def _labelled(predictions: pd.DataFrame) -> bool:
+    return "y_true" in predictions.columns and bool(predictions["y_true"].notna().all())
+
+
 def first_sample_of(dataset: Any, patient_ids: Sequence[str]) -> dict[str, int]:
     """Index of each patient's first sample (image or US×DM pair) in a breastfusion dataset."""
     wanted = set(patient_ids)
@@ -179,16 +214,21 @@ def write_gallery(
     per_category: int = 3,
     device: str | torch.device = "cpu",
 ) -> pd.DataFrame:
-    """Overlays for chosen holdout patients, one PNG per (patient, branch), plus an index.
+    """Overlays for chosen patients, one PNG per (patient, branch), the un-overlaid input
+    beside each (``raw/``), plus an index.
 
-    ``dataset``: the (unaugmented) holdout dataset the predictions came from; each patient is
-    shown with its first image (or US×DM pair). Writes ``<out_dir>/<category>_<patient>_<branch>
-    .png``, ``index.csv`` (patient_id, category, branch, file, score) and ``captions.json``
-    (for the report). Returns the index.
+    ``dataset``: the (unaugmented) dataset the predictions came from; each patient is shown
+    with its first image (or US×DM pair). ``predictions`` without labels (``y_true`` missing
+    or empty) are grouped by call (:func:`select_unlabelled`). Writes
+    ``<out_dir>/<category>_<patient>_<branch>.png``, ``raw/<same name>``, ``index.csv``
+    (``INDEX_COLUMNS``) and ``captions.json`` (for the report). Returns the index.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cases = select_cases(predictions, threshold, per_category)
+    if _labelled(predictions):
+        cases = select_cases(predictions, threshold, per_category)
+    else:
+        cases = select_unlabelled(predictions, threshold, per_category)
     where = first_sample_of(dataset, cases["patient_id"].tolist())
     model = model.to(device)
     rows: list[dict[str, Any]] = []
@@ -203,24 +243,31 @@ def write_gallery(
             name = _file_name(case.category, case.patient_id, branch)
             image = inputs[branch][0, 0].detach().cpu().numpy()
             atomic_write_bytes(out / name, png_bytes(overlay(image, heat[0])))
+            atomic_write_bytes(out / RAW_DIR / name, png_bytes(_grey_uint8(image)))
             rows.append(
                 {
                     "patient_id": case.patient_id,
                     "category": case.category,
                     "branch": branch,
                     "file": name,
+                    "raw_file": f"{RAW_DIR}/{name}",
                     "score": float(case.y_score),
                 }
             )
             captions[name] = (
                 f"{_LABELS[case.category]} · patient {case.patient_id} · {branch.upper()} · "
-                f"score {case.y_score:.3f} (threshold {threshold:.3f})"
+                f"score {case.y_score:.3g} (threshold {threshold:.3g})"
             )
-    index = pd.DataFrame(rows, columns=["patient_id", "category", "branch", "file", "score"])
-    atomic_write_text(out / INDEX_NAME, index.to_csv(index=False, float_format="%.6g"))
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    atomic_write_text(out / INDEX_NAME, index.to_csv(index=False))
     atomic_write_json(out / CAPTIONS_NAME, captions)
     log.info("Grad-CAM: %d overlays for %d patients in %s", len(index), len(where), out)
     return index
+
+
+def _grey_uint8(image: np.ndarray) -> np.ndarray:
+    """The model's [0, 1] grey input as 8-bit (exact: the inputs are k/255)."""
+    return np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _sample_inputs(
