@@ -45,6 +45,28 @@ def test_job_scripts_have_debug_and_forward_to_the_cli():
         assert option in out
 
 
+def test_study_job_forwards_every_option_to_breastfusion_run(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "study.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in ("--config", "--out", "--resume", "--debug"):
+        assert option in out
+    study = tmp_path / "study.yaml"
+    study.write_text("data: {synthetic: {}}\nroi: {crop: {marginn: 0.1}}\nfusion: {}\n")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "study.py"), "--config", str(study)]
+        + ["--out", str(tmp_path / "out"), "--resume", "--debug"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "unknown setting roi.crop.marginn" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:

@@ -186,6 +186,8 @@ def search_stage(key: str) -> Callable[[StageContext, Path], Outputs]:
             debug=ctx.study.debug,
             base=ctx.study.base_config(),
             echo=ctx.say,
+            mlflow_uri=ctx.study.tracking.mlflow_uri,
+            resume_command=ctx.resume_command,
         )
         check_search_finished(folder, ctx.resume_command)
         return {"search_dir": out, "best_score": summary.best.get("score")}
