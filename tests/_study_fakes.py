@@ -44,6 +44,7 @@ METRICS = {
             "n_patients": 8,
             "n_malignant": 2,
             "threshold": -0.000123456,
+            "threshold_probability": 0.49996913600,
             "auc": {"value": 0.8125, "ci_low": 0.5, "ci_high": 1.0},
             "sensitivity": {"value": 1.0, "ci_low": 0.342, "ci_high": 1.0},
             "specificity": {"value": 0.5, "ci_low": 0.188, "ci_high": 0.812},

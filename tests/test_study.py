@@ -216,7 +216,7 @@ def test_stage_records_are_strict_json_and_the_headline_keeps_small_numbers(
     assert record["outputs"]["search_dir"] == "@study/06_fusion"
     assert record["settings"]["space"]["space"]["optim.lr"] == {"loguniform": [1e-4, 1e-2]}
     assert "holdout DM+US: AUC 0.812 (0.500-1.000)" in text
-    assert "at threshold -0.000123 (8 patients, 2 malignant)" in text
+    assert "at threshold -0.000123 (probability 0.500); 8 patients, 2 malignant" in text
     assert "DeLong p = 4.5e-07" in text
     study_json = json.loads((out / "study.json").read_text())
     assert study_json["resolved"]["splits"] == {"folds": 2, "holdout": 0.2, "seed": 0}
@@ -232,6 +232,13 @@ def test_an_unfinished_search_is_never_marked_done(tmp_path, tiny, fake_stages, 
     assert not (out / "06_fusion" / "stage.json").exists()
     assert not (out / "07_aggregate").exists()
     monkeypatch.delenv("FAKE_SEARCH_UNFINISHED")
+    # --resume continues a partial search only under the settings it started with.
+    space = {**fakes.TINY_STUDY["fusion"], "num_samples": 2}
+    changed = _write(tiny.parent, {**fakes.TINY_STUDY, "fusion": space}, "changed.yaml")
+    code, text = _run(changed, out, "--resume")
+    assert code == 2
+    assert "stage 06_fusion was interrupted under other settings (settings changed " in text
+    assert "space.num_samples: 1 -> 2" in text
     code, text = _run(tiny, out, "--resume")
     assert code == 0 and "[4/7] fusion search (DM + US) ... (resuming)" in text
 

@@ -333,10 +333,13 @@ def headline(metrics_path: Path) -> list[str]:
                 f"{number(d.get('value'))} ({number(d.get('ci_low'))}-{number(d.get('ci_high'))})"
             )
 
+        threshold = number(m.get("threshold"))
+        if m.get("threshold_probability") is not None:
+            threshold += f" (probability {number(m.get('threshold_probability'))})"
         lines.append(
             f"holdout {name}: AUC {ci('auc')}, sensitivity {ci('sensitivity')}, "
-            f"specificity {ci('specificity')} at threshold {number(m.get('threshold'))} "
-            f"({m.get('n_patients', '?')} patients, {m.get('n_malignant', '?')} malignant)"
+            f"specificity {ci('specificity')} at threshold {threshold}; "
+            f"{m.get('n_patients', '?')} patients, {m.get('n_malignant', '?')} malignant"
         )
     for c in metrics.get("comparisons") or []:
         if isinstance(c, Mapping):
