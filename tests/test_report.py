@@ -290,6 +290,9 @@ def test_full_report(study: Path) -> None:
     assert "0.9" in _section(page, "operating-point")  # the target sensitivity
     assert "highest mean patient-level validation AUC" in page  # the rule
     assert "&quot;modality&quot;: &quot;fusion&quot;" in page  # the best config, escaped JSON
+    # Models in the study's order, although metrics.json sorts its keys.
+    holdout = _section(page, "modalities").split("Table 3")[0]
+    assert holdout.index("DM only") < holdout.index("US only") < holdout.index("DM+US")
     # Cohort: patients without ultrasound are counted.
     assert "have only one modality" in page
     # The degenerate VGG16 DM configuration shows no number, only why.

@@ -12,29 +12,23 @@ from typing import Any
 
 import pandas as pd
 
-from breastfusion import runs
 from breastfusion.evaluate import metrics as M
 from breastfusion.evaluate import scale as SC
 from breastfusion.evaluate.calibration import calibration_slope_intercept
 from breastfusion.report import figures as F
 from breastfusion.report import table as T
+from breastfusion.report.holdout import ordered
 from breastfusion.report.inputs import ReportInputs
 from breastfusion.report.sections import missing
 from breastfusion.report.table import esc
 
 MAX_GRADCAM_PX = 768  # larger images are downscaled before embedding (page size)
 MAX_FOLD_ROWS = 30  # the fold plot shows the best configurations only
-KNOWN = [runs.MODALITY_LABELS[m] for m in runs.MODALITY_ORDER]
 
 
 def figure(png: bytes, alt: str, caption: str = "") -> str:
     cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
     return f'<figure><img src="{F.data_uri(png)}" alt="{esc(alt)}">{cap}</figure>'
-
-
-def ordered(names: Any) -> list[str]:
-    """The study's order (DM only, US only, DM+US) first, then any other model by name."""
-    return sorted(names, key=lambda m: (KNOWN.index(m) if m in KNOWN else len(KNOWN), m))
 
 
 def patients(df: pd.DataFrame, source: str) -> dict[str, pd.DataFrame]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from breastfusion.report import table as T
-from breastfusion.report.figsections import ordered
+from breastfusion.report.holdout import ordered
 from breastfusion.report.inputs import ReportInputs
 from breastfusion.report.sections import cohort_counts
 from breastfusion.report.table import esc

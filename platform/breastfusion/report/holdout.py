@@ -20,8 +20,17 @@ from breastfusion.report.table import Table
 METRICS_FILE = "metrics.json"
 
 
+KNOWN = [runs.MODALITY_LABELS[m] for m in runs.MODALITY_ORDER]
+
+
+def ordered(names: Any) -> list[str]:
+    """The study's order (DM only, US only, DM+US) first, then any other model by name."""
+    return sorted(names, key=lambda m: (KNOWN.index(m) if m in KNOWN else len(KNOWN), m))
+
+
 def _models(result: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(result.get("models") or {})
+    models = dict(result.get("models") or {})
+    return {m: models[m] for m in ordered(models)}
 
 
 def metrics_table(result: Mapping[str, Any], title: str = "Patient-level metrics") -> Table:
