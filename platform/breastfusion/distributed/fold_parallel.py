@@ -28,7 +28,7 @@ from breastfusion.distributed.objective import (
     fold_summary,
     is_number,
 )
-from breastfusion.distributed.trial import (
+from breastfusion.distributed.worker import (
     TrialSetup,
     cached_cohort,
     fault_point,

@@ -53,7 +53,7 @@ from breastfusion.distributed.objective import (
 )
 from breastfusion.distributed.session import InterruptGuard, Session, active
 from breastfusion.distributed.space import SearchSpace, load_space
-from breastfusion.distributed.trial import FAULT_ENV, TrialSetup
+from breastfusion.distributed.worker import FAULT_ENV, TrialSetup
 from breastfusion.errors import ConfigError, Interrupted, Terminated, UserError
 from breastfusion.io import sha256_file, sha256_json
 

@@ -23,7 +23,8 @@ from breastfusion import runs
 from breastfusion.distributed.naming import trial_name
 from breastfusion.distributed.objective import METRIC
 from breastfusion.distributed.space import SearchSpace
-from breastfusion.distributed.trial import TrialSetup, run_trial
+from breastfusion.distributed.trial import run_trial
+from breastfusion.distributed.worker import TrialSetup
 
 
 def quiet_tune() -> None:
