@@ -59,7 +59,8 @@ def metrics_table(result: Mapping[str, Any], title: str = "Patient-level metrics
         "Calibration: slope (intercept) of the logistic recalibration (ideal 1 and 0)."
     ]
     if scale:
-        notes.append(f"Scores and thresholds are on the {scale} scale.")
+        words = {"logit": "calibrated log-odds", "probability": "probability"}
+        notes.append(f"Scores and thresholds are on the {words.get(scale, scale)} scale.")
     return T.make(
         title,
         [
