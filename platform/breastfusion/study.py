@@ -45,7 +45,7 @@ from breastfusion import fsguard, runs
 from breastfusion.errors import Interrupted, Terminated, UserError
 from breastfusion.io import atomic_write_json, ensure_dir, sha256_json
 from breastfusion.study_config import StudyConfig, load_study
-from breastfusion.study_stages import Stage, StageContext, build_stages, write_layout
+from breastfusion.study_stages import Stage, StageContext, build_stages
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ def run_study(
                 f"Continue with: {command}",
                 exit_code=code,
             ) from None
-        write_layout(ctx)
         report = Path(ctx.outputs["09_report"]["report"])
         echo(f"finished in {time.monotonic() - started:.0f} s")
         for line in headline(ctx.dir("08_final") / "metrics.json"):

@@ -263,14 +263,20 @@ def final_stage(ctx: StageContext, out: Path) -> Outputs:
             continue
         ctx.say(f"best {runs.MODALITY_LABELS.get(modality, modality)}: {record.get('trial')}")
         quiet = dataclasses.replace(settings, gradcam_per_category=0)
-        final_from_best(record, out=out / modality, settings=quiet, **common)
+        folder = _search_dir(ctx, record)
+        final_from_best(record, out=out / modality, search_dir=folder, settings=quiet, **common)
         per_modality[modality] = out / modality
     ctx.say(f"chosen: {chosen.get('trial')} ({chosen.get('modality', '?')})")
     fallbacks = {}
     if chosen.get("modality") == "fusion":
         fallbacks = {m: per_modality[m] for m in ("dm", "us") if m in per_modality}
     result = final_from_best(
-        chosen, out=out / "model", settings=settings, fallbacks=fallbacks or None, **common
+        chosen,
+        out=out / "model",
+        search_dir=_search_dir(ctx, chosen),
+        settings=settings,
+        fallbacks=fallbacks or None,
+        **common,
     )
     _compare_on_holdout(ctx, per_modality, out)
     for name in ("gradcam", "config.yaml"):
@@ -280,6 +286,15 @@ def final_stage(ctx: StageContext, out: Path) -> Outputs:
         elif src.is_file():
             shutil.copy2(src, out / name)
     return {"final_dir": out, "model_dir": out / "model", "headline": result.headline}
+
+
+def _search_dir(ctx: StageContext, record: dict[str, Any]) -> Path | None:
+    """The record's search folder in this study, wherever the study now is (aggregate.json
+    names it by its absolute path at aggregation time; a moved study has another)."""
+    name = Path(str(record.get("search_dir") or "")).name
+    if name in runs.SEARCH_STAGES and name in ctx.outputs:
+        return Path(ctx.outputs[name]["search_dir"])
+    return None
 
 
 def _same_trial(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -323,31 +338,13 @@ def _compare_on_holdout(ctx: StageContext, per_modality: dict[str, Path], out: P
 
 
 def report_stage(ctx: StageContext, out: Path) -> Outputs:
-    from breastfusion.report.html import discover_inputs, write_report
+    """The report reads the study through its stage records (``report.inputs.read_study``)."""
+    from breastfusion.report.html import write_report
+    from breastfusion.report.inputs import read_study
 
-    write_layout(ctx)
-    inputs = discover_inputs(ctx.root)
+    inputs = read_study(ctx.root)
     inputs.n_boot = ctx.study.report.bootstrap
     return {"report": write_report(ctx.root, inputs, out=out / "index.html")}
-
-
-def write_layout(ctx: StageContext) -> None:
-    """``layout.json``: where the report finds each input (absolute, rewritten on every run so
-    that a moved study still reports). Goes when the report reads ``runs.StudyDir``."""
-    from breastfusion.report.html import LAYOUT_FILE
-
-    if not all(s in ctx.outputs for s in ("01_data", "02_splits", "07_aggregate", "08_final")):
-        return
-    atomic_write_json(
-        ctx.root / LAYOUT_FILE,
-        {
-            "manifest": ctx.outputs["01_data"]["manifest"],
-            "splits": ctx.outputs["02_splits"]["splits"],
-            "aggregate": ctx.outputs["07_aggregate"]["aggregate_dir"],
-            "final": ctx.outputs["08_final"]["final_dir"],
-            "study_yaml": str(ctx.study.path),
-        },
-    )
 
 
 # -- the list -----------------------------------------------------------------------------------
@@ -396,7 +393,8 @@ def build_stages(study: StudyConfig) -> list[Stage]:
 
 
 def number(value: Any) -> str:
-    """A number for people: 3 decimals, or 3 significant digits when small (never 0.000)."""
+    """A number for people: 3 decimals, or 3 significant digits when small or large (never
+    0.000 for 4.5e-07)."""
     if value is None:
         return "n/a"
     try:
@@ -405,4 +403,4 @@ def number(value: Any) -> str:
         return str(value)
     if x != x:
         return "n/a"
-    return f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.3g}"
+    return f"{x:.3f}" if x == 0 or 0.01 <= abs(x) < 1e4 else f"{x:.3g}"
