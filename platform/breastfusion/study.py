@@ -139,17 +139,11 @@ def _run_stage(ctx: StageContext, stage: Stage, index: int, total: int) -> int:
     digest = sha256_json({"stage": stage.name, "settings": settings, "deps": deps})
     prefix = f"[{index}/{total}] {stage.title}"
     record = study_dir.stage_record(stage.name)
-    state = _read_state(ctx.root)
-    if record is not None and record.get("hash") == digest:
-        missing = _missing_outputs(record.get("outputs") or {}, ctx.root)
-        if not missing:
-            ctx.hashes[stage.name] = digest
-            ctx.outputs[stage.name] = record.get("outputs") or {}
-            ctx.echo(f"{prefix}: up to date, skipped")
-            return 0
-        ctx.echo(f"{prefix}: outputs missing ({', '.join(missing)}); re-running")
-    elif record is not None:
+    if _up_to_date(ctx, stage.name, record, digest, prefix):
+        return 0
+    if record is not None and record.get("hash") != digest:
         ctx.echo(f"{prefix}: {changes(record, settings, deps)}; re-running")
+    state = _read_state(ctx.root)
     out = ctx.dir(stage.name)
     keep = stage.keep_partial and ctx.resume and record is None and out.is_dir()
     if keep:
@@ -194,6 +188,22 @@ def _run_stage(ctx: StageContext, stage: Stage, index: int, total: int) -> int:
     ctx.outputs[stage.name] = study_dir.stage_record(stage.name)["outputs"]
     ctx.echo(f"{prefix}: done in {seconds:.0f} s")
     return 1
+
+
+def _up_to_date(
+    ctx: StageContext, name: str, record: Mapping[str, Any] | None, digest: str, prefix: str
+) -> bool:
+    """A finished stage with this hash whose outputs are all still there: reuse it."""
+    if record is None or record.get("hash") != digest:
+        return False
+    missing = _missing_outputs(record.get("outputs") or {}, ctx.root)
+    if missing:
+        ctx.echo(f"{prefix}: outputs missing ({', '.join(missing)}); re-running")
+        return False
+    ctx.hashes[name] = digest
+    ctx.outputs[name] = dict(record.get("outputs") or {})
+    ctx.echo(f"{prefix}: up to date, skipped")
+    return True
 
 
 def _missing_outputs(outputs: Mapping[str, Any], root: Path) -> list[str]:
