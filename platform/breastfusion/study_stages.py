@@ -305,7 +305,8 @@ def _compare_on_holdout(ctx: StageContext, per_modality: dict[str, Path], out: P
     """One metrics.json over every modality's holdout predictions (shared patients)."""
     import pandas as pd
 
-    from breastfusion.evaluate.cli import evaluate_predictions, write_outputs
+    from breastfusion.evaluate.holdout import evaluate_predictions
+    from breastfusion.report.holdout import write_outputs
 
     def table(name: str) -> pd.DataFrame | None:
         parts = []
@@ -329,6 +330,7 @@ def _compare_on_holdout(ctx: StageContext, per_modality: dict[str, Path], out: P
         seed=final.seed,
         source="holdout predictions",
         validation_source="development out-of-fold predictions",
+        prefix="final",
     )
     write_outputs(result, scores, out)
     atomic_write_text(out / "predictions_holdout.csv", runs.csv_text(holdout))
