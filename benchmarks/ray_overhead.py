@@ -14,8 +14,11 @@ own per-epoch counters in each fold's ``history.csv``), so start-up and evaluati
 dilute it. Fixed costs come from the test hook's fold-start stamps (``BREASTFUSION_FAULT_DIR``)
 and each fold's ``metrics.json`` time:
 
-* per fold  = (next fold's start − this fold's start) − the plain wall time of the same fold
-              (training, outputs, reporting, Tune's checkpoint: everything between two folds);
+* per fold  = the time between two fold starts outside training (data set-up, validation,
+              outputs, reporting, Tune's checkpoint) minus the same for the plain fold: the
+              training epochs themselves are compared by the throughput, and leaving them out
+              keeps a neighbour's changing load from swamping a sub-second difference (the raw
+              difference of the wall times is reported too);
 * per trial = the gap from a trial's last ``metrics.json`` to the next trial's first fold start
               (result, checkpoint, trial end, actor reuse, new trial's set-up);
 * first trial (a fresh worker process: imports, first cache reads) = its first fold start −
@@ -79,8 +82,9 @@ def history_rate(fold_dirs: list[Path]) -> tuple[float, float]:
     return samples, seconds
 
 
-def plain(cfg, folds: int, root: Path) -> tuple[list[float], float, float]:
-    """(wall seconds per fold, training samples, training seconds) of run_fold per fold."""
+def plain(cfg, folds: int, root: Path) -> tuple[list[float], float, float, list[float]]:
+    """(wall seconds per fold, training samples, training seconds, training seconds per fold)
+    of run_fold per fold."""
     from breastfusion.engine.fold import run_fold
 
     walls, dirs = [], []
@@ -90,7 +94,7 @@ def plain(cfg, folds: int, root: Path) -> tuple[list[float], float, float]:
         run_fold(cfg.with_overrides({"data.fold": k}), out)
         walls.append(time.perf_counter() - start)
         dirs.append(out)
-    return (walls, *history_rate(dirs))
+    return (walls, *history_rate(dirs), [history_rate([d])[1] for d in dirs])
 
 
 def through_ray(args, manifest: Path, splits: Path, root: Path, threads: int) -> dict:
@@ -134,7 +138,10 @@ def through_ray(args, manifest: Path, splits: Path, root: Path, threads: int) ->
         ]
         ends = [folder.trial(name).fold(k).path / "metrics.json" for k in range(args.folds)]
         fold_dirs += [e.parent for e in ends]
-        spans += [(k, b - a) for k, (a, b) in enumerate(zip(begin, begin[1:], strict=False))]
+        trained = [history_rate([e.parent])[1] for e in ends]
+        spans += [
+            (k, b - a, trained[k]) for k, (a, b) in enumerate(zip(begin, begin[1:], strict=False))
+        ]
         if i + 1 < len(trials):
             nxt = trials[i + 1]
             following = next(v for n, v in starts.items() if n.startswith(f"{nxt}.fold0."))
@@ -186,9 +193,11 @@ def main() -> None:
         p2 = plain(cfg, args.folds, root)
 
     p_folds = [(a + b) / 2 for a, b in zip(p1[0], p2[0], strict=True)]
+    p_train = [(a + b) / 2 for a, b in zip(p1[3], p2[3], strict=True)]
     p_rate = (p1[1] + p2[1]) / (p1[2] + p2[2])
     r_rate = ray["samples"] / ray["seconds"]
-    per_fold = [span - p_folds[k] for k, span in ray["fold_spans"]]
+    raw = [span - p_folds[k] for k, span, _ in ray["fold_spans"]]
+    per_fold = [(span - t) - (p_folds[k] - p_train[k]) for k, span, t in ray["fold_spans"]]
     fold_cost = sum(per_fold) / len(per_fold) if per_fold else float("nan")
     trial_cost = sum(ray["trial_gaps"]) / len(ray["trial_gaps"])
     result = {
@@ -201,6 +210,9 @@ def main() -> None:
         "plain_seconds_per_fold": p_folds,
         "fixed_cost_per_fold_s": fold_cost,
         "fixed_cost_per_fold_each_s": per_fold,
+        "wall_difference_per_fold_each_s": raw,
+        "plain_samples_per_s_before": p1[1] / p1[2],
+        "plain_samples_per_s_after": p2[1] / p2[2],
         "fixed_cost_per_trial_start_s": trial_cost,
         "first_trial_start_s": ray["first_trial_start_s"],
         "ray_init_s": ray["ray_init_s"],
@@ -209,7 +221,8 @@ def main() -> None:
     }
     print(
         f"throughput: plain {p_rate:.1f} samples/s, ray {r_rate:.1f} samples/s, "
-        f"ratio {r_rate / p_rate:.3f} (goal >= 0.975; {threads} thread(s) on both sides)"
+        f"ratio {r_rate / p_rate:.3f} (goal >= 0.975; {threads} thread(s) on both sides; "
+        f"plain before/after {p1[1] / p1[2]:.1f}/{p2[1] / p2[2]:.1f}: the load's drift)"
     )
     print(
         f"fixed cost: {fold_cost:+.2f} s per fold (goal <= 0.5), {trial_cost:.2f} s per trial "
