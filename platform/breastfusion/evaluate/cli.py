@@ -5,9 +5,8 @@ The logic lives in ``evaluate.holdout`` (metrics of held-out predictions),
 ``report`` (Markdown, figures). These commands map their flags onto settings keys, so every
 error names the flag the user typed.
 
-Transition: ``evaluate_predictions``, ``write_outputs``, ``render_markdown`` and
-``plot_reliability`` are re-exported here for callers not yet switched to
-``evaluate.holdout`` / ``report.holdout`` / ``report.figures``.
+Transition: ``evaluate_predictions`` is re-exported here for callers not yet switched to
+``evaluate.holdout`` (``benchmarks/replicate_study.py``).
 """
 
 from __future__ import annotations
@@ -21,18 +20,10 @@ from breastfusion import runs
 from breastfusion.errors import UserError
 from breastfusion.evaluate.holdout import evaluate_predictions
 from breastfusion.io import read_csv_table, sha256_file
-from breastfusion.report.figures import plot_reliability
-from breastfusion.report.holdout import render_markdown, write_outputs
+from breastfusion.report.holdout import write_outputs
 from breastfusion.report.table import f3, small
 
-__all__ = [
-    "aggregate_command",
-    "evaluate_command",
-    "evaluate_predictions",
-    "plot_reliability",
-    "render_markdown",
-    "write_outputs",
-]
+__all__ = ["aggregate_command", "evaluate_command", "evaluate_predictions"]
 
 EVALUATE_FLAGS = {
     "threshold": "--threshold",
