@@ -5,6 +5,7 @@ two-fold search of one fusion trial (1 epoch, 32 px) on the cropped manifest."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,31 @@ def base_config(setup_root: Path, manifest: Path, splits: Path) -> dict:
 
 
 def study_setup(cohort: Path, root: Path) -> StudySetup:
+    """Built once per session. ``BREASTFUSION_TEST_STUDY=DIR`` (development only) keeps the
+    folds in DIR between sessions: training them is the slow part."""
+    keep = os.environ.get("BREASTFUSION_TEST_STUDY")
+    root = Path(keep) if keep else root
     key = str(root)
     if key not in _BUILT:
-        _BUILT[key] = _build(cohort, root)
+        if keep:  # the folds refer to the cohort's files: keep a copy of it too
+            import shutil
+
+            if not (root / "cohort").is_dir():
+                shutil.copytree(cohort.parent, root / "cohort")
+            cohort = root / "cohort" / cohort.name
+        if keep and (root / "built.json").is_file():
+            _BUILT[key] = _setup(cohort, root)
+        else:
+            _BUILT[key] = _build(cohort, root)
+            atomic_write_json(root / "built.json", {"cohort": str(cohort)})
     return _BUILT[key]
+
+
+def _setup(cohort: Path, root: Path) -> StudySetup:
+    cropped = root / "crops" / "manifest.csv"
+    return StudySetup(
+        root, cohort, cropped, root / "splits.json", root / "detector", root / "search"
+    )
 
 
 def _build(cohort: Path, root: Path) -> StudySetup:
@@ -96,11 +118,16 @@ def _build(cohort: Path, root: Path) -> StudySetup:
         run_fold(cfg.with_overrides({"data.fold": k}), search / "trials" / TRIAL / f"fold{k}")
     atomic_write_json(search / "experiment.json", {"space_name": "test"})
     atomic_write_json(search / "best.json", {"trial": TRIAL, "config": {"optim.lr": 1e-4}})
-    return StudySetup(root, cohort, cropped, splits, root / "detector", search)
+    return _setup(cohort, root)
 
 
 _FINALS: dict[tuple[str, str], Path] = {}
 GRADCAM = {"gradcam_per_category": 1, "bootstrap": 200}
+
+
+def _kept(out: Path) -> bool:
+    """Development only (``BREASTFUSION_TEST_STUDY``): reuse a finished final folder."""
+    return bool(os.environ.get("BREASTFUSION_TEST_STUDY")) and (out / "final.json").is_file()
 
 
 def dm_bundle(setup: StudySetup) -> Path:
@@ -115,7 +142,8 @@ def dm_bundle(setup: StudySetup) -> Path:
         cfg = Config.from_dict(raw).with_overrides({"data.modality": "dm"})
         out = setup.root / "final_dm"
         settings = {"onnx": False, "gradcam_per_category": 0, "bootstrap": 200}
-        final_model(Choice(config=cfg.to_dict(), source="test"), out, settings=settings)
+        if not _kept(out):
+            final_model(Choice(config=cfg.to_dict(), source="test"), out, settings=settings)
         _FINALS[key] = out
     return _FINALS[key]
 
@@ -128,13 +156,15 @@ def ensemble_final(setup: StudySetup) -> Path:
 
         out = setup.root / "final_ensemble"
         settings = {"mode": "ensemble", "target_sensitivity": 0.9, **GRADCAM}
-        final_from_best(
-            setup.search,
-            out=out,
-            settings=settings,
-            detector_dir=setup.detector,
-            fallbacks={"dm": dm_bundle(setup)},
-        )
+        dm = dm_bundle(setup)
+        if not _kept(out):
+            final_from_best(
+                setup.search,
+                out=out,
+                settings=settings,
+                detector_dir=setup.detector,
+                fallbacks={"dm": dm},
+            )
         _FINALS[key] = out
     return _FINALS[key]
 

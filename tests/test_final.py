@@ -132,6 +132,8 @@ def test_threshold_comes_from_pooled_calibrated_oof(refit_dir: Path, setup: Stud
     assert meta["operating_point"]["threshold"] == expected
     assert meta["operating_point"]["threshold_probability"] == pytest.approx(sigmoid(expected))
     assert "refit model's scores" in meta["operating_point"]["rule"]
+    assert entry["threshold_rule"] == meta["operating_point"]["rule"]
+    assert "not fitted on the refit model" in entry["calibration_source"]
 
 
 def test_refit_carries_the_mean_fold_calibration_and_says_so(refit_dir: Path, setup: StudySetup):
@@ -217,7 +219,7 @@ def test_ensemble_averages_calibrated_fold_models(setup: StudySetup):
         assert meta["model"]["calibrations"][len(members) - 1]["a"] == f.calibration.a
     expected = pd.Series(np.mean(members, axis=0), index=raw.index)
     pd.testing.assert_series_equal(_saved(out), expected, atol=1e-9, rtol=0, check_names=False)
-    assert meta["fallbacks"] == {"dm": "../../final_dm/bundle"}
+    assert meta["fallbacks"] == {"dm": "../../final_dm"}  # relative to the bundle
 
 
 def test_onnx_agrees_with_torch(setup: StudySetup):
@@ -403,3 +405,35 @@ def test_refit_epochs_follow_the_folds_reported_models(tmp_path: Path):
     with pytest.raises(UserError, match="no calibration"):
         atomic_write_json(tmp_path / "z" / "fold0" / "metrics.json", {"best_epoch": 1})
         read_folds([runs.FoldDir(tmp_path / "z" / "fold0", 0)])
+
+
+def test_outputs_appear_only_when_complete_and_only_in_owned_folders(tmp_path: Path):
+    from breastfusion.final.outdir import staged_output
+    from breastfusion.fsguard import FolderBusy
+
+    names, out = ("a.txt", "b", "done.json"), tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_output(out, "final", names, "done.json") as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert not out.exists()  # a folder this run created is gone again
+    with staged_output(out, "final", names, "done.json") as tmp:
+        (tmp / "a.txt").write_text("1")
+        (tmp / "b").mkdir()
+        (tmp / "done.json").write_text("{}")
+        assert not (out / "a.txt").exists()  # nothing visible before the end
+        with pytest.raises(FolderBusy):  # one writer at a time
+            with staged_output(out, "final", names, "done.json"):
+                pass
+    assert (out / "a.txt").read_text() == "1" and (out / "b").is_dir()
+    with staged_output(out, "final", names, "done.json") as tmp:
+        (tmp / "a.txt").write_text("2")
+        (tmp / "done.json").write_text("{}")
+    assert (out / "a.txt").read_text() == "2" and not (out / "b").exists()  # stale output gone
+    with pytest.raises(RuntimeError):
+        with staged_output(out, "final", names, "done.json") as tmp:
+            raise RuntimeError("crash")
+    assert (out / "a.txt").read_text() == "2" and (out / "done.json").is_file()  # kept as was
+    with pytest.raises(UserError, match="not a predict folder"):
+        with staged_output(out, "predict", names, "done.json"):
+            pass

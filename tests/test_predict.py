@@ -91,20 +91,27 @@ def test_predict_reproduces_the_final_holdout_scores(
         assert (tmp_path / "out" / "metrics.md").is_file()
 
 
-def test_patients_lacking_a_modality_get_a_status(bundle: Path, holdout_manifest: Path, tmp_path):
-    result = predict(bundle, holdout_manifest, tmp_path / "out")
-    table = result.predictions.set_index("patient_id")
+def test_patients_lacking_a_modality_get_a_status(
+    bundle: Path, holdout_manifest: Path, tmp_path: Path
+):
     rows = pd.read_csv(holdout_manifest, dtype=str)
-    mods = rows.groupby("patient_id")["modality"].agg(lambda m: "+".join(sorted(set(m))))
-    dm_only, us_only = mods[mods == "DM"].index, mods[mods == "US"].index
-    assert len(dm_only) and len(us_only)  # the synthetic cohort has both kinds
-    for p in dm_only:  # the ensemble names a DM-only bundle: it scores them
-        assert table.at[p, "status"] == "scored by the DM-only model (no US image)"
-        assert np.isfinite(table.at[p, "y_score"]) and table.at[p, "model"] == "dm_refit"
-    for p in us_only:
-        assert table.at[p, "status"].startswith("not scored: no DM image; no US-only bundle")
-        assert np.isnan(table.at[p, "y_score"]) and table.at[p, "call"] == ""
+    dm_only, us_only = sorted(rows["patient_id"].unique())[:2]
+    rows = rows[~((rows["patient_id"] == dm_only) & (rows["modality"] == "US"))]
+    rows = rows[~((rows["patient_id"] == us_only) & (rows["modality"] == "DM"))]
+    manifest = tmp_path / "m.csv"
+    rows.to_csv(manifest, index=False)
+    result = predict(bundle, manifest, tmp_path / "out")
+    table = result.predictions.set_index("patient_id")
+    # the ensemble names a DM-only bundle: it scores the patient without US
+    assert table.at[dm_only, "status"] == "scored by the DM-only model (no US image)"
+    assert np.isfinite(table.at[dm_only, "y_score"]) and table.at[dm_only, "model"] == "dm_refit"
+    assert table.at[dm_only, "modalities"] == "DM"
+    # no US-only bundle is named: the patient without DM is reported, not dropped
+    assert table.at[us_only, "status"].startswith("not scored: no DM image; no US-only bundle")
+    assert np.isnan(table.at[us_only, "y_score"]) and table.at[us_only, "call"] == ""
     assert len(table) == rows["patient_id"].nunique()  # nobody silently dropped
+    others = table.drop(index=[dm_only, us_only])
+    assert (others["status"] == "scored").all() and (others["modalities"] == "DM+US").all()
 
 
 def test_images_csv_records_the_study_crops(
@@ -178,12 +185,18 @@ def _run(args: list[str], capsys) -> tuple[int, str]:
 
 def test_a_moved_bundle_scores_the_same(bundle: Path, holdout_manifest: Path, tmp_path: Path):
     moved = _copy_bundle(bundle, tmp_path / "elsewhere" / "model")
-    result = predict(moved, holdout_manifest, tmp_path / "out")
+    rows = pd.read_csv(holdout_manifest, dtype=str)
+    dm_only = rows["patient_id"].iloc[0]
+    rows = rows[~((rows["patient_id"] == dm_only) & (rows["modality"] == "US"))]
+    manifest = tmp_path / "m.csv"
+    rows.to_csv(manifest, index=False)
+    result = predict(moved, manifest, tmp_path / "out")
     table = result.predictions.set_index("patient_id")
     scored = table[table["status"] == "scored"]["y_score"].sort_index()
-    np.testing.assert_allclose(scored.to_numpy(), _final_scores(bundle).to_numpy(), atol=1e-4)
+    expected = _final_scores(bundle).drop(index=dm_only)
+    np.testing.assert_allclose(scored.to_numpy(), expected.to_numpy(), atol=1e-4)
     # the DM-only fallback is a sibling of the study's bundle, not inside it: named, not used
-    assert table["status"].str.contains("no DM-only bundle at").any()
+    assert table.at[dm_only, "status"].startswith("not scored: no US image; no DM-only bundle at")
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(

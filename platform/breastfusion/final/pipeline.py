@@ -149,6 +149,7 @@ def execute(
             oof=plan.oof, target_sensitivity=s.target_sensitivity,
         )  # fmt: skip
         _check_same_threshold(result, plan)
+        _annotate(result, plan)
         from breastfusion.final.writing import write_all
 
         final = write_all(
@@ -164,3 +165,15 @@ def _check_same_threshold(result: Mapping[str, Any], plan: Plan) -> None:
         raise RuntimeError(
             f"operating point mismatch: evaluate chose {got!r}, final chose {plan.op.threshold!r}"
         )
+
+
+def _annotate(result: dict[str, Any], plan: Plan) -> None:
+    """Say in metrics.json where the threshold and the calibration come from."""
+    from breastfusion.final.members import TRANSFERRED
+
+    entry = result["models"][plan.name]
+    entry["threshold_rule"] = plan.op.rule
+    if plan.settings.mode == "refit":
+        entry["calibration_source"] = TRANSFERRED if plan.facts else "none (no fold models)"
+    else:
+        entry["calibration_source"] = "each fold model's own Platt calibration, averaged"
