@@ -299,3 +299,13 @@ def test_cli_refuses_a_non_empty_foreign_folder(inputs, tmp_path, capsys, no_tun
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     _expect_user_error(_search(_space_file(tmp_path), inputs, out), capsys, "not empty", str(out))
+
+
+def test_cli_bad_mlflow_uri_fails_before_the_folder_is_claimed(inputs, tmp_path, capsys, no_tune):
+    out = tmp_path / "out"
+    _expect_user_error(
+        _search(_space_file(tmp_path), inputs, out, "--mlflow-uri", "bogus://nowhere"),
+        capsys,
+        "tracking.mlflow_uri 'bogus://nowhere'",
+    )
+    assert not out.exists()

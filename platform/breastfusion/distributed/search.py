@@ -139,6 +139,10 @@ def search(
     plan = _Plan(
         space, base_cfg, list(folds), out, fingerprint, resume, debug, echo, command, mlflow_uri
     )
+    if mlflow_uri:
+        from breastfusion.distributed.tracking import check_store
+
+        check_store(mlflow_uri)  # before the folder is claimed: a typo costs nothing
     existed = out.exists()
     with fsguard.FolderLock(out, "search"):
         try:

@@ -29,6 +29,23 @@ log = logging.getLogger(__name__)
 KIND_TAG, KEY_TAG, TRIAL_TAG = "breastfusion.kind", "breastfusion.search_key", "breastfusion.trial"
 
 
+def check_store(uri: str) -> None:
+    """Open the tracking store once (a SQLite store is created here); a ``UserError`` naming
+    the URI if MLflow cannot use it."""
+    from breastfusion.errors import UserError
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises its own, SQLAlchemy's and OS errors
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise UserError(
+            f"tracking.mlflow_uri {uri!r}: MLflow cannot use this store "
+            f"({type(exc).__name__}: {first})"
+        ) from None
+
+
 class MlflowTracker:
     def __init__(
         self,
