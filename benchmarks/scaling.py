@@ -109,9 +109,11 @@ def train_one_epoch(ds, model, opt, args: argparse.Namespace) -> int:
 
 def run_one(args: argparse.Namespace) -> dict:
     """One cohort in this process: time data then one training epoch."""
+    # Imports are one-off costs, not per-patient work (albumentations alone takes ~2 s).
+    import albumentations  # noqa: F401
     import torch
 
-    import breastfusion.data.datasets  # noqa: F401  (imports are not per-patient work)
+    import breastfusion.data.datasets  # noqa: F401
     import breastfusion.data.manifest  # noqa: F401
 
     torch.set_num_threads(args.threads)
