@@ -222,7 +222,7 @@ def test_calibrated_model_explains_its_log_odds(fusion_model, branch):
 def test_ensemble_map_per_branch_aggregates_its_members(fusion_model):
     torch.manual_seed(1)
     other = build_model("fusion").eval()
-    inputs = _inputs(SIZES)
+    inputs = _inputs(SIZES, batch=1)
     cals = [(1e-3, 0.2), (40.0, -1.0)]  # scales that differ: the maps must not care
     ensemble = _calibrated([fusion_model, other], cals)
     maps = G.gradcam_maps(ensemble, inputs)
