@@ -23,6 +23,7 @@ def evaluate(
     oof: pd.DataFrame | None = None,
     target_sensitivity: float | None = None,
     source: str = SOURCE,
+    prefix: str = "final",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Metrics of calibrated log-odds ``patients`` (``patient_id, y_true, y_score``) as model
     ``name``: at ``threshold``, or (with ``oof`` and a target) at the threshold the evaluate
@@ -44,7 +45,7 @@ def evaluate(
         source=source,
         validation_source=VALIDATION_SOURCE,
         score_scale="logit",
-        prefix="final",
+        prefix=prefix,
     )
 
 

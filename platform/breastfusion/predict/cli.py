@@ -46,6 +46,8 @@ def predict_command(
         raise UserError("give the patients to score: --manifest MANIFEST.csv (or an image folder)")
     if gradcam < 0:
         raise UserError(f"--gradcam must be >= 0, got {gradcam}")
+    if evaluate and bootstrap < 100:
+        raise UserError(f"--bootstrap must be at least 100, got {bootstrap}")
     result = predict(
         bundle, source, out, evaluate=evaluate, backend=backend, gradcam=gradcam,
         device=device, n_boot=bootstrap, seed=seed, progress=click.echo,

@@ -35,6 +35,7 @@ def evaluate_main(
         n_boot=n_boot,
         seed=seed,
         source="predictions",
+        prefix="predict",
     )
     others = table[table["status"] != "scored"]
     if len(others):
