@@ -142,10 +142,14 @@ def test_a_folder_of_images_scores_the_same_without_labels(
     for i, r in enumerate(rows.itertuples()):
         shutil.copy(r.path, folder / f"{r.patient_id}_{r.modality}_{i}{Path(r.path).suffix}")
     assert parse_name("case_7_DM_cc") == ("case_7", "DM") and parse_name("x_cc") is None
-    code = main(["predict", str(bundle), "--manifest", str(folder), "--out", str(tmp_path / "o")])
+    args = ["predict", bundle, "--manifest", folder, "--out", tmp_path / "o", "--gradcam", "1"]
+    code = main([str(a) for a in args])
     assert code == 0, capsys.readouterr().err
     got = pd.read_csv(tmp_path / "o" / "predictions.csv", dtype={"patient_id": str})
     assert "y_true" not in got.columns
+    gallery = pd.read_csv(tmp_path / "o" / "gradcam" / "index.csv", dtype={"patient_id": str})
+    assert set(gallery["category"]) <= {"called_malignant", "called_benign"} and len(gallery)
+    assert all((tmp_path / "o" / "gradcam" / f).is_file() for f in gallery["raw_file"])
     expected = _final_scores(bundle)
     mine = got[got["status"] == "scored"].set_index("patient_id")["y_score"].sort_index()
     np.testing.assert_allclose(mine.to_numpy(), expected.loc[mine.index].to_numpy(), atol=1e-4)
