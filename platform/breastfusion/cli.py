@@ -134,8 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     An interrupt is never success: commands mark nothing finished that did not finish.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(argv)
+    finally:
+        if previous is not None:  # in-process callers (tests, jobs) get their handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="breastfusion", standalone_mode=False)
     except Terminated:
