@@ -278,6 +278,20 @@ def test_ensemble_threshold_from_calibrated_oof_transfers_to_the_holdout():
     sensitivity, specificity = called[y == 1].mean(), (~called[y == 0]).mean()
     assert abs(sensitivity - 0.9) < 0.05, (sensitivity, specificity)
     assert specificity > 0.3 and op.warnings == ()
+    # the old rule (threshold on pooled raw softmax OOF, applied to the mean softmax) calls
+    # every holdout patient malignant here, as it did for the study's three models
+    from breastfusion.evaluate.metrics import threshold_for_sensitivity
+
+    oof_y, oof_p = [], []
+    for k, m in enumerate(members):
+        xk, yk = _cohort(400, seed=k)
+        oof_y.append(yk)
+        oof_p.append(torch.softmax(m(xk).double(), dim=1)[:, 1].numpy())
+    old = threshold_for_sensitivity(np.concatenate(oof_y), np.concatenate(oof_p), 0.9)
+    with torch.no_grad():
+        mean_p = torch.stack([torch.softmax(m(x).double(), 1)[:, 1] for m in members]).mean(0)
+    old_called = mean_p.numpy() >= old
+    assert old_called[y == 1].mean() == 1.0 and (~old_called[y == 0]).mean() < 0.05
 
 
 def test_an_unusable_target_is_warned_about_with_the_achievable_points():
