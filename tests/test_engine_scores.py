@@ -153,3 +153,31 @@ def test_broken_checkpoints_are_explained_in_words(tmp_path):
     torch.save({"x": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="never unpickled"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_calibration_slope_and_intercept_are_recovered():
+    from breastfusion.evaluate.calibration import calibration_slope_intercept, sigmoid
+
+    rng = np.random.default_rng(0)
+    c = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < sigmoid(c)).astype(float)
+    slope, intercept = calibration_slope_intercept(y, c)
+    assert slope == pytest.approx(1.0, abs=0.1) and intercept == pytest.approx(0.0, abs=0.1)
+    # scores shifted by +2.5 log-odds: still well posed (the old Newton start diverged here)
+    slope, intercept = calibration_slope_intercept(y, c + 2.5)
+    assert slope == pytest.approx(1.0, abs=0.1) and intercept == pytest.approx(-2.5, abs=0.15)
+    sep = calibration_slope_intercept(np.r_[0, 0, 1, 1], np.r_[-1, -2, 1, 2.0])
+    assert all(np.isnan(sep))
+
+
+def test_platt_fit_recovers_a_known_scale_and_never_reverses_a_ranking():
+    from breastfusion.evaluate.calibration import fit_platt, sigmoid
+
+    rng = np.random.default_rng(1)
+    true = rng.normal(0, 1.5, 3000)
+    y = (rng.random(3000) < sigmoid(true)).astype(int)
+    cal = fit_platt(y, true * 1e6 - 3e6)  # a fold model on a wildly different scale
+    assert cal.a * 1e6 == pytest.approx(1.0, abs=0.1)
+    assert np.mean(np.abs(cal.apply(true * 1e6 - 3e6) - true)) < 0.1
+    flipped = fit_platt(y, -true)  # anti-correlated scores: slope clamped at 0, never negative
+    assert flipped.a == 0.0 and "prevalence" in flipped.note

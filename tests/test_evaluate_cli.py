@@ -139,7 +139,7 @@ def _write(tmp_path, df, name="p.csv"):
         (lambda d: d.drop(columns="y_score"), "missing column(s) y_score"),
         (
             lambda d: d.assign(y_score=d.y_score.where(d.index != 3, np.inf)),
-            "y_score is missing, NaN or not a number at line 5",
+            "y_score is infinite at line 5",
         ),
         (
             lambda d: d.assign(y_score=d.y_score.where(d.index != 0, np.nan)),

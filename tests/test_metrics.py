@@ -85,7 +85,7 @@ def test_threshold_exact_fraction():
 
 @pytest.mark.parametrize("target", [0.0, -0.1, 1.01, float("nan")])
 def test_threshold_refuses_bad_target(target):
-    with pytest.raises(UserError, match=r"--target-sensitivity must be in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"target_sensitivity must be in \(0, 1\]"):
         threshold_for_sensitivity(np.array([0, 1]), np.array([0.2, 0.8]), target)
 
 
@@ -143,7 +143,7 @@ def test_validate_predictions_messages():
             "model": ["a", "a", "a", "a"],
             "patient_id": ["P1", "P2", "P3", "P4"],
             "y_true": [1, 2, 0, 1],
-            "y_score": [0.5, 0.5, 1.5, np.nan],
+            "y_score": [0.5, 0.5, np.inf, np.nan],
         }
     )
     with pytest.raises(UserError) as exc:
@@ -151,7 +151,8 @@ def test_validate_predictions_messages():
     msg = str(exc.value)
     assert msg.startswith("p.csv: invalid predictions")
     assert "y_true must be 0 (benign) or 1 (malignant) at line 3 (model a, patient P2)" in msg
-    assert "y_score outside [0, 1] at line 4 (model a, patient P3)" in msg
+    # any finite score is accepted (log-odds); infinities are not
+    assert "y_score is infinite at line 4 (model a, patient P3)" in msg
     assert "y_score is missing, NaN or not a number at line 5 (model a, patient P4)" in msg
     with pytest.raises(UserError, match="p.csv: missing column\\(s\\) y_score"):
         validate_predictions(df.drop(columns="y_score"), "p.csv")

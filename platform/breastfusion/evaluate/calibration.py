@@ -124,22 +124,39 @@ def logit(p: float) -> float:
 
 
 def calibration_slope_intercept(y: Any, c: Any) -> tuple[float, float]:
-    """Calibration-in-the-large and slope of calibrated log-odds ``c`` on labels ``y``: the
-    logistic regression ``logit P(y=1) = intercept + slope·c`` (ideal: 0 and 1), unsmoothed."""
+    """Calibration slope and intercept of calibrated log-odds ``c`` on labels ``y``: the
+    logistic regression ``logit P(y=1) = intercept + slope·c`` (ideal: 1 and 0), unsmoothed.
+    NaN when one class is missing, ``c`` is constant, or the classes are separated (the slope
+    is then unbounded)."""
     y = np.asarray(y, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)
-    if len(np.unique(y)) < 2 or np.std(c) == 0:
+    if len(np.unique(y)) < 2 or not np.isfinite(c).all() or np.std(c) == 0:
         return math.nan, math.nan
-    w = np.array([1.0, 0.0])
-    for _ in range(100):
-        p = sigmoid(w[0] * c + w[1])
-        g = np.array([np.sum((p - y) * c), np.sum(p - y)])
+    if c[y < 0.5].max() < c[y > 0.5].min():
+        return math.nan, math.nan  # perfectly separated: no finite maximum-likelihood slope
+    mu, sd = float(c.mean()), float(c.std())
+    x = (c - mu) / sd
+    prevalence = float(y.mean())
+    w = np.array([0.0, math.log(prevalence / (1 - prevalence))])  # slope, intercept (standardised)
+
+    def nll(v: np.ndarray) -> float:
+        z = v[0] * x + v[1]
+        return float(np.sum(np.logaddexp(0.0, z) - y * z))
+
+    current = nll(w)
+    for _ in range(200):
+        p = sigmoid(w[0] * x + w[1])
+        g = np.array([np.sum((p - y) * x), np.sum(p - y)])
         r = p * (1 - p) + 1e-12
-        h = np.array([[np.sum(r * c * c), np.sum(r * c)], [np.sum(r * c), np.sum(r)]])
+        h = np.array([[np.sum(r * x * x), np.sum(r * x)], [np.sum(r * x), np.sum(r)]])
         step = np.linalg.solve(h + 1e-9 * np.eye(2), g)
-        w = w - step
-        if np.max(np.abs(step)) < 1e-10 or not np.all(np.isfinite(w)):
+        t = 1.0
+        while t > 1e-6 and nll(w - t * step) > current:  # step halving: always downhill
+            t /= 2
+        w, previous, current = w - t * step, current, nll(w - t * step)
+        if abs(previous - current) < 1e-12 or abs(w[0]) > 1e4:
             break
-    if not np.all(np.isfinite(w)) or abs(w[0]) > 1e6:
+    if not np.all(np.isfinite(w)) or abs(w[0]) > 1e3:
         return math.nan, math.nan  # separated classes: the slope is unbounded
-    return float(w[0]), float(w[1])
+    slope = float(w[0] / sd)
+    return slope, float(w[1] - slope * mu)

@@ -59,7 +59,7 @@ def patient_oof(parts: Sequence[tuple[int, pd.DataFrame, str]]) -> pd.DataFrame:
     predictions (``(fold, table, source)``); a fold's rows of one patient are averaged."""
     out = []
     for k, df, source in parts:
-        scores = M.patient_scores(SC.validate_scores(df, source), source)
+        scores = M.patient_scores(M.validate_predictions(df, source), source)
         out.append(scores.assign(fold=k)[["fold", "patient_id", "y_true", "y_score"]])
     return pd.concat(out, ignore_index=True)
 

@@ -147,7 +147,7 @@ def _validation_scores(
     if "model" not in validation.columns and len(models) == 1:
         # A single model's validation file may omit the model column.
         validation = validation.assign(model=models[0])
-    val = M.patient_scores(SC.validate_scores(validation, source), source)
+    val = M.patient_scores(M.validate_predictions(validation, source), source)
     overlap = sorted(set(val["patient_id"]) & set(common))
     warnings = []
     if overlap:
@@ -190,7 +190,7 @@ def evaluate_predictions(
         names=names,
     )
     _check_pairing(settings, validation, prefix, names)
-    scores = M.patient_scores(SC.validate_scores(predictions, source), source)
+    scores = M.patient_scores(M.validate_predictions(predictions, source), source)
     common, warnings = shared_patients(scores, source)
     scores = scores[scores["patient_id"].isin(common)].reset_index(drop=True)
     models = sorted(scores["model"].unique())

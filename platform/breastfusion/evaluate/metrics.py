@@ -46,7 +46,8 @@ def validate_predictions(
     """Check a predictions table; return a copy with typed columns.
 
     Columns ``patient_id, y_true, y_score`` (+ ``model``, optional ``fold``). ``y_true`` must be
-    0/1, ``y_score`` a number in [0, 1] (a malignancy probability). Messages name the file,
+    0/1, ``y_score`` any finite number, higher = more suspicious (breastfusion writes calibrated
+    malignant log-odds; other tools write probabilities in [0, 1]). Messages name the file,
     the CSV line (header = line 1), the model and the patient. A missing ``model`` column is
     filled with ``"model"`` unless ``require_model``.
     """
@@ -86,9 +87,9 @@ def validate_predictions(
     nan_s = s.isna()
     if nan_s.any():
         problems.append("y_score is missing, NaN or not a number at " + _first(where(nan_s)))
-    outside = ~nan_s & ((s < 0) | (s > 1))
-    if outside.any():
-        problems.append("y_score outside [0, 1] at " + _first(where(outside)))
+    infinite = ~nan_s & ~np.isfinite(s.fillna(0.0))
+    if infinite.any():
+        problems.append("y_score is infinite at " + _first(where(infinite)))
     if problems:
         raise UserError(f"{source}: invalid predictions", details=problems)
     out["y_true"] = y.astype(int)
@@ -194,7 +195,7 @@ def threshold_for_sensitivity(y: np.ndarray, s: np.ndarray, target: float) -> fl
     score of the ceil(target·P)-th highest-scoring malignant patient.
     """
     if not (0 < target <= 1) or math.isnan(target):
-        raise UserError(f"--target-sensitivity must be in (0, 1], got {target}")
+        raise UserError(f"target_sensitivity must be in (0, 1], got {target}")
     y = np.asarray(y).astype(bool)
     pos = np.sort(np.asarray(s, dtype=float)[y])[::-1]
     if len(pos) == 0:

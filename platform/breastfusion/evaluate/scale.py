@@ -9,9 +9,7 @@ reliability curve and the calibration slope/intercept need to know the scale.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
-from breastfusion.evaluate import metrics as M
 from breastfusion.evaluate.calibration import logit, sigmoid
 
 LOGIT = "logit"
@@ -44,21 +42,3 @@ def as_log_odds(scores: np.ndarray, scale: str) -> np.ndarray:
 
 def threshold_probability(threshold: float, scale: str) -> float:
     return float(sigmoid(np.array([threshold]))[0]) if scale == LOGIT else float(threshold)
-
-
-def validate_scores(
-    df: pd.DataFrame, source: str = "predictions", *, require_model: bool = False
-) -> pd.DataFrame:
-    """``metrics.validate_predictions`` for scores on any scale: every other check is kept
-    (columns, labels, missing or non-numeric scores, named by file, line, model and patient);
-    a score may be any finite real number and keeps its full float64 value."""
-    if "y_score" not in df.columns:
-        return M.validate_predictions(df, source, require_model=require_model)
-    raw = pd.to_numeric(df["y_score"], errors="coerce")
-    finite = raw.where(np.isfinite(raw.to_numpy(dtype=float, na_value=np.nan)))
-    # The shared validator still expects [0, 1]: it sees a monotone squash of the scores, and
-    # an infinite score arrives as a missing one (named as such).
-    squashed = pd.Series(sigmoid(finite.to_numpy(dtype=float, na_value=np.nan)), index=df.index)
-    out = M.validate_predictions(df.assign(y_score=squashed), source, require_model=require_model)
-    out["y_score"] = finite.astype(float)
-    return out

@@ -33,7 +33,7 @@ def figure(png: bytes, alt: str, caption: str = "") -> str:
 
 def patients(df: pd.DataFrame, source: str) -> dict[str, pd.DataFrame]:
     """Model → one row per patient (validated; image-pair rows averaged)."""
-    scores = M.patient_scores(SC.validate_scores(df, source), source)
+    scores = M.patient_scores(M.validate_predictions(df, source), source)
     groups = {m: g.sort_values("patient_id") for m, g in scores.groupby("model", sort=False)}
     return {m: groups[m] for m in ordered(groups)}
 
