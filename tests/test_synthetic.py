@@ -132,38 +132,44 @@ def test_default_size_cohort_mixes_formats_and_sizes(tmp_path: Path) -> None:
     assert all(w < h for w, h in dm_sizes)  # mammograms are portrait, not square
 
 
+def _core_and_ring(img: np.ndarray, box: tuple[int, int, int, int]) -> tuple[float, float]:
+    """Mean of the box's central half and of the band around the box (inside the image)."""
+    x0, y0, x1, y1 = box
+    bw, bh = x1 - x0, y1 - y0
+    core = img[y0 + bh // 4 : y1 - bh // 4, x0 + bw // 4 : x1 - bw // 4]
+    ring = img[max(0, y0 - bh // 2) : y1 + bh // 2, max(0, x0 - bw // 2) : x1 + bw // 2].copy()
+    ring[
+        y0 - max(0, y0 - bh // 2) : y1 - max(0, y0 - bh // 2),
+        x0 - max(0, x0 - bw // 2) : x1 - max(0, x0 - bw // 2),
+    ] = np.nan
+    ring = ring[np.isfinite(ring) & (ring > 0)]
+    return float(core.mean()), float(ring.mean())
+
+
 def test_lesions_are_really_in_the_images(synthetic_cohort: Path) -> None:
-    """The US box holds a hypoechoic lesion and DM finding boxes hold a denser mass."""
+    """The US box holds a hypoechoic lesion; a DM finding box holds a dense (suspicious) or a
+    fat-containing, low-density (textbook benign) mass."""
     root = synthetic_cohort.parent
     truth = {t["patient_id"]: t for t in _rows(root / "cohort_truth.csv")}
-    darker = brighter = 0
-    images = _rows(root / "image_truth.csv")
-    for r in images:
+    counts = {"us": [0, 0], "dense": [0, 0], "fatty": [0, 0]}  # [images, as expected]
+    for r in _rows(root / "image_truth.csv"):
         if r["lesion_visible"] != "1":
             continue
-        img = _grey(root / r["path"])
-        x0, y0, x1, y1 = (int(r[k]) for k in ("lesion_x0", "lesion_y0", "lesion_x1", "lesion_y1"))
-        bw, bh = x1 - x0, y1 - y0
-        core = img[y0 + bh // 4 : y1 - bh // 4, x0 + bw // 4 : x1 - bw // 4]
-        ring = img[max(0, y0 - bh // 2) : y1 + bh // 2, max(0, x0 - bw // 2) : x1 + bw // 2].copy()
-        ring[
-            y0 - max(0, y0 - bh // 2) : y1 - max(0, y0 - bh // 2),
-            x0 - max(0, x0 - bw // 2) : x1 - max(0, x0 - bw // 2),
-        ] = np.nan
-        ring = ring[np.isfinite(ring) & (ring > 0)]
+        box = tuple(int(r[k]) for k in ("lesion_x0", "lesion_y0", "lesion_x1", "lesion_y1"))
+        core, ring = _core_and_ring(_grey(root / r["path"]), box)
+        t = truth[r["patient_id"]]
         if r["modality"] == "US":
-            darker += core.mean() < 0.7 * ring.mean()
-        elif truth[r["patient_id"]]["dm_finding"] == "mass":
-            brighter += core.mean() > ring.mean()
-    n_us = sum(r["modality"] == "US" for r in images)
-    n_dm_mass = sum(
-        r["modality"] == "DM"
-        and r["lesion_visible"] == "1"
-        and truth[r["patient_id"]]["dm_finding"] == "mass"
-        for r in images
-    )
-    assert n_us > 20 and darker >= 0.95 * n_us
-    assert n_dm_mass > 10 and brighter >= 0.9 * n_dm_mass
+            counts["us"][0] += 1
+            counts["us"][1] += core < 0.7 * ring
+        elif t["dm_finding"] == "mass" and float(t["dm_suspicion"]) >= 0.6:
+            counts["dense"][0] += 1
+            counts["dense"][1] += core > ring
+        elif t["dm_finding"] == "mass" and float(t["dm_suspicion"]) <= 0.15:
+            counts["fatty"][0] += 1
+            counts["fatty"][1] += core < ring
+    assert counts["us"][0] > 20 and counts["us"][1] >= 0.95 * counts["us"][0], counts
+    for kind in ("dense", "fatty"):
+        assert counts[kind][0] >= 4 and counts[kind][1] >= 0.9 * counts[kind][0], counts
 
 
 def test_shared_fixture_is_big_enough_for_folds_and_holdout(synthetic_cohort: Path) -> None:
@@ -260,3 +266,142 @@ def test_cohort_sizes_that_once_crashed_render(tmp_path, n_patients):
 
     manifest = generate_cohort(tmp_path, n_patients=n_patients, seed=0, size=32, workers=1)
     assert manifest.is_file()
+
+
+# --- no shortcuts, designed evidence ---------------------------------------------------------
+
+BAND = (0.35, 0.65)  # chance band for 300 patients (78 malignant): ~4 standard deviations
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 patients (the size the shortcut bar is set for) at 32 px: ~4 s of CPU."""
+    return generate_cohort(tmp_path_factory.mktemp("audit"), n_patients=300, seed=0, size=32)
+
+
+def test_no_non_evidence_feature_predicts_the_label(audit: Path) -> None:
+    """Images per patient, lesion-free share, formats, file and image sizes: all at chance."""
+    from breastfusion.data.synthetic.audit import NON_EVIDENCE, feature_aucs, shortcut_features
+
+    feats = shortcut_features(audit)
+    assert len(feats) == 300 and feats["y"].sum() == 78
+    aucs = feature_aucs(feats)
+    assert set(aucs) == set(NON_EVIDENCE)
+    outside = {k: v for k, v in aucs.items() if v is None or not BAND[0] <= v <= BAND[1]}
+    assert not outside, outside
+
+
+def test_the_audit_catches_a_shortcut(audit: Path) -> None:
+    """The audit can fail: drop the US images of half the benign patients, and the US count
+    becomes a shortcut it flags."""
+    from breastfusion.data.synthetic.audit import feature_aucs, shortcut_features
+
+    feats = shortcut_features(audit)
+    benign = feats.index[feats["y"] == 0]
+    feats.loc[benign[::2], "n_us"] = 0
+    assert feature_aucs(feats)["n_us"] > BAND[1]
+
+
+def test_lesion_free_views_and_benign_lesions_occur_alike_in_both_classes(audit: Path) -> None:
+    images = _rows(audit.parent / "image_truth.csv")
+    label = {r["patient_id"]: r["label"] for r in _rows(audit)}
+    share, with_lesion = {}, {}
+    for cls in ("benign", "malignant"):
+        dm = [r for r in images if r["modality"] == "DM" and label[r["patient_id"]] == cls]
+        share[cls] = sum(r["lesion_visible"] == "0" for r in dm) / len(dm)
+        patients = {p for p, lab in label.items() if lab == cls}
+        seen = {r["patient_id"] for r in images if r["lesion_visible"] == "1"}
+        with_lesion[cls] = len(patients & seen) / len(patients)
+    # contralateral views (and density-masked masses) in both classes, at the same rate
+    assert all(0.2 <= v <= 0.45 for v in share.values()), share
+    assert abs(share["benign"] - share["malignant"]) < 0.06, share
+    # every benign patient has a lesion to look at, as every malignant one does
+    assert all(v >= 0.95 for v in with_lesion.values()), with_lesion
+    assert {r["lesion_visible"] for r in images if r["modality"] == "US"} == {"1"}
+
+
+def test_counts_and_findings_do_not_depend_on_the_label() -> None:
+    """On 3000 planned patients (no pixels): the same image counts, views and finding kinds."""
+    plans = plan_cohort(3000, 0, PRESETS["standard"])
+    by_class: dict[bool, list] = {True: [], False: []}
+    for p in plans:
+        by_class[p.malignant].append(p)
+
+    def mean(cls: bool, f) -> float:
+        return float(np.mean([f(p) for p in by_class[cls]]))
+
+    for f in (
+        lambda p: sum(im.modality == "DM" for im in p.images),
+        lambda p: sum(im.modality == "US" for im in p.images),
+        lambda p: sum(im.modality == "DM" and not im.has_lesion for im in p.images),
+        lambda p: p.dm_finding == "calc",
+        lambda p: p.dm_finding == "mass+calc",
+        lambda p: p.dm_masked,
+        lambda p: p.density,
+    ):
+        assert abs(mean(True, f) - mean(False, f)) < 0.1 * max(1.0, mean(False, f))
+
+
+def _latent_aucs(difficulty: str) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    plans = plan_cohort(4000, 1, PRESETS[difficulty])
+    y = np.array([p.malignant for p in plans])
+    dm, us = np.array([p.dm_s for p in plans]), np.array([p.us_s for p in plans])
+    return {
+        "dm": roc_auc_score(y, dm),
+        "us": roc_auc_score(y, us),
+        "both": roc_auc_score(y, np.maximum(dm, us)),
+    }
+
+
+def test_evidence_ceiling_per_modality_and_together() -> None:
+    """Each modality alone is imperfect (0.85-0.95); together they separate almost all."""
+    std = _latent_aucs("standard")
+    assert 0.85 <= std["dm"] <= 0.95 and 0.85 <= std["us"] <= 0.95, std
+    assert std["both"] >= 0.96 and std["both"] >= max(std["dm"], std["us"]) + 0.03, std
+    easy, hard = _latent_aucs("easy"), _latent_aucs("hard")
+    assert easy["both"] > std["both"] > hard["both"], (easy, std, hard)
+    assert easy["dm"] > std["dm"] > hard["dm"] and easy["us"] > std["us"] > hard["us"]
+
+
+def test_rendered_lesions_follow_their_suspicion(audit: Path) -> None:
+    """Suspicious US lesions are taller than wide; suspicious DM masses spread (spicules)."""
+    from scipy.stats import spearmanr
+
+    truth = {t["patient_id"]: t for t in _rows(audit.parent / "cohort_truth.csv")}
+    aspect: dict[str, list[float]] = {}
+    extent: dict[str, list[float]] = {}
+    for r in _rows(audit.parent / "image_truth.csv"):
+        if r["lesion_visible"] != "1":
+            continue
+        w = int(r["lesion_x1"]) - int(r["lesion_x0"])
+        h = int(r["lesion_y1"]) - int(r["lesion_y0"])
+        if r["modality"] == "US":
+            aspect.setdefault(r["patient_id"], []).append(h / w)
+        elif truth[r["patient_id"]]["dm_finding"] == "mass":
+            extent.setdefault(r["patient_id"], []).append((w * h) ** 0.5 / int(r["height"]))
+    for values, key in ((aspect, "us_suspicion"), (extent, "dm_suspicion")):
+        ids = sorted(values)
+        rho = spearmanr(
+            [np.mean(values[p]) for p in ids], [float(truth[p][key]) for p in ids]
+        ).statistic
+        assert len(ids) > 100 and rho > 0.6, (key, rho)
+
+
+@pytest.mark.slow
+def test_shortcut_baseline_at_the_demo_size(tmp_path: Path, capsys) -> None:
+    """The benchmark itself (300 patients, 128 px): no shortcut, evidence above chance."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shortcut_baseline.py"
+    spec = importlib.util.spec_from_file_location("shortcut_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--out", str(tmp_path / "c")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(BAND[0] <= v <= BAND[1] for v in res["non_evidence_auc"].values()), res
+    ev = res["evidence_auc"]
+    assert 0.85 <= ev["evidence_dm"] <= 0.96 and 0.85 <= ev["evidence_us"] <= 0.95, ev
+    assert ev["evidence_logistic"] >= 0.96, ev

@@ -7,56 +7,80 @@ benign/malignant label, US lesion boxes for the ROI detector, mixed file formats
 and -- most important -- *designed complementarity*, so that each modality alone is imperfect
 and fusing both can beat either.
 
+No shortcuts: only the designed evidence depends on the label
+-------------------------------------------------------------
+The number of DM and US images, which views a patient has (and so how many show no lesion),
+file formats, image sizes, breast density, lesion size and position, and the screen clutter
+are drawn from the same distributions for both classes. Every patient has a finding in each
+modality -- benign patients a benign one -- so "a lesion is present" is not the label; what
+separates the classes is how the finding looks. ``audit.py`` measures this on a written cohort
+and ``benchmarks/shortcut_baseline.py`` prints it (every non-evidence feature at chance).
+
 Generative model (all knobs live in :class:`SynthParams`; ``difficulty`` picks a preset)
 ---------------------------------------------------------------------------------------
-Cohort level (drawn from ``seed`` alone, stratified so small cohorts keep the proportions):
+Cohort level (drawn from ``seed`` alone, in exact counts per class, so small cohorts keep the
+proportions):
 
-* ``malignant_fraction`` (205/790) of patients are malignant -- an exact count, not coin flips,
-  so a 40-patient cohort has 10 malignant patients (enough for 5 folds plus a 20 % holdout).
+* ``malignant_fraction`` (205/790) of patients are malignant, so a 40-patient cohort has 10
+  malignant patients (enough for 5 folds plus a 20 % holdout).
 * Malignant patients get an *evidence mode* in exact proportions ``p_evidence_both``,
-  ``p_evidence_dm_only`` and the rest US-only. In a modality that shows evidence, the lesion's
-  *suspicion* ``s`` (0 = textbook benign, 1 = textbook malignant) is drawn from
-  ``suspicion_evident``; in the other modality from ``suspicion_weak`` (equivocal, overlapping
-  the benign range). In DM a non-evident lesion is, with ``p_masked``, also hidden by dense
-  tissue (the patient's density is then forced to BI-RADS c/d and the mass contrast drops).
+  ``p_evidence_dm_only`` and the rest US-only. In a modality that shows evidence, the
+  finding's *suspicion* ``s`` (0 = textbook benign, 1 = textbook malignant) is drawn from
+  ``suspicion_evident``; in the other modality from ``suspicion_weak`` (it looks benign).
 * Benign patients carry a DM mimic with ``p_mimic_dm`` and, independently, a US mimic with
   ``p_mimic_us`` (``s`` from ``suspicion_mimic``); otherwise ``s`` is from ``suspicion_benign``.
-  Because evidence and mimics are (nearly) independent across modalities, a second modality
-  separates "malignant with weak DM signs" from "benign with a DM mimic" -- fusion helps.
-* ``dm_only_fraction`` / ``us_only_fraction`` of patients have a single modality.
-* Images per patient follow the study's per-class rates (benign ~3.2 DM and ~2.0 US,
-  malignant ~2.0 DM and ~1.0 US; overall ~2.8 DM and ~1.7 US per patient).
+  Evidence and mimics are independent across modalities, so the second modality separates
+  "malignant with weak DM signs" from "benign with a DM mimic": with the standard preset the
+  latent suspicions give an AUC of ~0.93 (DM) and ~0.88 (US) alone, ~0.97 together.
+* ``p_masked`` of each class have their DM mass hidden by dense tissue (density forced to
+  BI-RADS c/d, contrast near zero): malignant ones among those without DM evidence, benign
+  ones among those without a DM mimic.
+* ``dm_only_fraction`` / ``us_only_fraction`` of each class have a single modality.
 * File formats are assigned over the whole cohort: ``dm_dicom_fraction`` of DM images are
   DICOM, ``dm_png16_fraction`` 16-bit PNG (each at least one when there are >= 10 DM images),
   the rest 8-bit grey PNG; ``us_rgb_fraction`` of US images are RGB PNG (colour screen marks),
   the rest 8-bit grey PNG.
 
 Patient level (drawn from ``(seed, patient index)``, so a patient never depends on how many
-workers render the cohort): lesion side (L/R), breast density (BI-RADS a-d, ``density_probs``),
-whether scattered benign calcifications are present (``p_benign_calcs``, label-independent),
-and one lesion shape shared by all views of that patient.
+workers render the cohort): lesion side, breast density (``density_probs``), the DM finding
+kind (``finding_probs``: mass, calcifications or both), incidental scattered calcifications
+(``p_benign_calcs``), the mammography unit's noise level, the image counts (1-4 DM from
+``dm_count_probs``, 1-3 US from ``us_count_probs``; ~2.8 and ~1.7 per patient as in the
+study) and one lesion shape shared by all views of that patient. DM views fill the lesion
+side first (CC, MLO), then the contralateral side, which shows no lesion: a patient with 3 or
+4 mammograms has lesion-free views whatever the label (labels are per patient, as in the
+study). Every US image shows the lesion.
+
+Evidence, drawn to survive shrinking to 48 px (sizes are fractions of the image, not pixels):
+
+* DM mass (radius 12-18 % of the image height): low ``s`` is an oval, circumscribed,
+  fat-containing (darker than tissue) mass with a thin bright capsule; high ``s`` an
+  irregular, indistinct, high-density mass with 6-18 long tapering spicules (from s = 0.5),
+  and thickened skin on that side. Its contrast falls with breast density (``dm_masking``).
+* DM calcifications: low ``s`` a few coarse round ones; high ``s`` up to 40 fine pleomorphic
+  ones along branching lines (bright streaks when shrunk).
+* US lesion (hypoechoic): aspect from wider-than-tall (s = 0) to taller-than-wide (s = 1),
+  margin from smooth to angular and microlobulated with an echogenic halo, heterogeneous
+  inside, posterior enhancement (s < 0.45) turning into shadowing.
 
 DM images (portrait, ``size`` x [1, 1.25] high, [0.75, 0.95] x ``size`` wide): dark
-background; breast silhouette (a half ellipse on the chest wall; taller, with an axillary part
-and a bright pectoral-muscle triangle on MLO); fibroglandular texture (smooth plus anisotropic
-noise thresholded to the density, fading towards the skin); a mass in the lesion-side views:
-``s`` turns an oval circumscribed mass into an irregular, indistinct, spiculated one (more
-harmonics, soft margin, 0-14 spicules) and raises its density; its contrast falls with breast
-density (``dm_masking``), which is how dense breasts hide masses. Malignant DM evidence is a
-mass (55 %), clustered pleomorphic microcalcifications (20 %) or both (25 %); DM mimics are
-irregular masses or punctate calcification clusters. Contralateral views show no lesion
-(labels are per patient, as in the study). L images have the chest wall on the left edge, R
-images are mirrored.
+background; breast silhouette (a half ellipse on the chest wall; taller, with a bright
+pectoral-muscle triangle on MLO); fibroglandular texture thresholded to the density; the
+finding in the lesion-side views; detector noise whose level varies by patient and image (it
+also dominates the PNG file size, which therefore says nothing about the lesion). L images
+have the chest wall on the left edge, R images are mirrored.
 
 US images (landscape, [0.95, 1.25] x ``size`` wide, [0.75, 0.95] x ``size`` high): a scan
 rectangle framed by black margins; tissue layers (skin, subcutaneous fat, wavy glandular
 layer, retromammary fat, striated pectoral muscle, sometimes a rib with its shadow); depth
-attenuation; multiplicative speckle; one hypoechoic lesion whose aspect goes from
-wider-than-tall (s = 0) to taller-than-wide (s = 1), margin from smooth to angular and
-microlobulated with an echogenic halo, and posterior acoustic enhancement (s < 0.45) turning
-into shadowing. Screen clutter outside the lesion box -- text, a depth scale, a focus marker,
-calipers, a grey or colour bar, a body-marker pictogram, a logo -- never depends on the label,
-so a model can only use it by mistake: cropping matters.
+attenuation; multiplicative speckle; the lesion. Screen clutter outside the lesion box --
+text, a depth scale, a focus marker, calipers, a grey or colour bar, a body-marker pictogram,
+a logo -- never depends on the label, so a model can only use it by mistake: cropping matters.
+
+Modules: ``params`` (knobs, presets), ``plan`` (latent truth and image lists), ``shapes``
+(drawing helpers), ``dm`` / ``us`` (rendering), ``overlay`` (US screen clutter), ``writer``
+(files, manifest, :func:`generate_cohort`), ``audit`` (shortcut audit), ``cli`` (the click
+``synth`` command; nothing else imports click).
 
 Files under ``out_dir``
 -----------------------
@@ -66,7 +90,7 @@ Files under ``out_dir``
   (the ROI detector is US-only); the DM finding boxes are in ``image_truth.csv``.
 * ``cohort_truth.csv`` -- per patient latent truth (evidence mode, mimics, suspicions, density,
   DM finding, masking) for scientific checks (e.g. "does fusion win on the DM-only cases?").
-* ``image_truth.csv`` -- per image: format, size, whether the lesion is drawn, its box.
+* ``image_truth.csv`` -- per image: format, size, whether the finding is drawn, its box.
 * ``synth_config.json`` -- seed, size, difficulty and the resolved parameters.
 * ``images/`` -- ``P0007_DM_L_CC.png``, ``P0007_DM_R_MLO.dcm``, ``P0007_US_L_1.png`` ...
 

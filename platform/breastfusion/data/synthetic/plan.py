@@ -42,7 +42,7 @@ class PatientPlan:
     evidence: str  # both | dm | us (malignant) or none (benign)
     dm_mimic: bool
     us_mimic: bool
-    dm_finding: str  # none | mass | calc | mass+calc
+    dm_finding: str  # mass | calc | mass+calc (every patient has one, benign ones benign)
     dm_masked: bool
     dm_s: float
     us_s: float
@@ -50,6 +50,7 @@ class PatientPlan:
     side: str
     benign_calcs: bool
     lesion_seed: int
+    noise_gain: float = 1.0  # the patient's mammography unit: scales the DM detector noise
     images: tuple[ImagePlan, ...] = field(default_factory=tuple)
 
     @property
@@ -59,12 +60,13 @@ class PatientPlan:
 
 @dataclass(frozen=True)
 class _CohortDraws:
-    """The cohort-level assignments every patient plan reads."""
+    """The cohort-level assignments every patient plan reads (exact counts per class)."""
 
     malignant: np.ndarray  # bool per patient
     evidence: np.ndarray  # object per patient: both | dm | us | none
     dm_mimic: set[int]
     us_mimic: set[int]
+    masked: set[int]
     dm_only: set[int]
     us_only: set[int]
 
@@ -84,9 +86,18 @@ def _uniform(rng: np.random.Generator, lohi: tuple[float, float]) -> float:
     return float(rng.uniform(lohi[0], lohi[1]))
 
 
-def _pick(rng: np.random.Generator, pool: np.ndarray, frac: float) -> set[int]:
-    k = min(len(pool), int(round(frac * len(pool))))
+def _pick(rng: np.random.Generator, pool: np.ndarray, k: int) -> set[int]:
+    k = min(len(pool), max(0, k))
     return set(rng.choice(pool, size=k, replace=False).tolist()) if k else set()
+
+
+def _per_class(
+    rng: np.random.Generator, classes: tuple[np.ndarray, np.ndarray], frac: float
+) -> set[int]:
+    """``frac`` of each class (rounded per class), so the choice carries no label."""
+    return _pick(rng, classes[0], round(frac * len(classes[0]))) | _pick(
+        rng, classes[1], round(frac * len(classes[1]))
+    )
 
 
 def _cohort_draws(n_patients: int, rng: np.random.Generator, params: SynthParams) -> _CohortDraws:
@@ -101,16 +112,19 @@ def _cohort_draws(n_patients: int, rng: np.random.Generator, params: SynthParams
     modes = np.repeat(np.array(["both", "dm", "us"], dtype=object), counts)
     evidence[mal_idx] = rng.permutation(modes)
 
-    dm_mimic = _pick(rng, ben_idx, params.p_mimic_dm)
-    us_mimic = _pick(rng, ben_idx, params.p_mimic_us)
-    everyone = np.arange(n_patients)
-    dm_only = _pick(rng, everyone, params.dm_only_fraction)
-    us_only = _pick(
-        rng,
-        np.setdiff1d(everyone, sorted(dm_only)),
-        params.us_only_fraction * (n_patients / max(1, n_patients - len(dm_only))),
-    )
-    return _CohortDraws(malignant, evidence, dm_mimic, us_mimic, dm_only, us_only)
+    n_mimic_dm = round(params.p_mimic_dm * len(ben_idx))
+    dm_mimic = _pick(rng, ben_idx, n_mimic_dm)
+    us_mimic = _pick(rng, ben_idx, round(params.p_mimic_us * len(ben_idx)))
+    # Dense tissue hides the DM mass of the same share of each class: of malignant patients
+    # whose DM shows no evidence, of benign patients whose DM finding is not a mimic.
+    no_dm_evidence = mal_idx[evidence[mal_idx] == "us"]
+    plain = np.setdiff1d(ben_idx, sorted(dm_mimic))
+    masked = _pick(rng, no_dm_evidence, round(params.p_masked * len(mal_idx)))
+    masked |= _pick(rng, plain, round(params.p_masked * len(ben_idx)))
+    dm_only = _per_class(rng, (mal_idx, ben_idx), params.dm_only_fraction)
+    rest = (np.setdiff1d(mal_idx, sorted(dm_only)), np.setdiff1d(ben_idx, sorted(dm_only)))
+    us_only = _per_class(rng, rest, params.us_only_fraction)
+    return _CohortDraws(malignant, evidence, dm_mimic, us_mimic, masked, dm_only, us_only)
 
 
 def plan_cohort(n_patients: int, seed: int, params: SynthParams) -> list[PatientPlan]:
@@ -124,68 +138,60 @@ def plan_cohort(n_patients: int, seed: int, params: SynthParams) -> list[Patient
     return _assign_formats(plans, rng, params)
 
 
-def _findings(
-    prng: np.random.Generator, i: int, draws: _CohortDraws, params: SynthParams, density: int
-) -> tuple[float, float, str, bool, int]:
-    """(DM suspicion, US suspicion, DM finding, masked, density) of patient ``i``."""
-    mode = str(draws.evidence[i])
-    masked = False
+def _suspicions(
+    prng: np.random.Generator, i: int, draws: _CohortDraws, params: SynthParams
+) -> tuple[float, float]:
+    """(DM, US) suspicion of patient ``i``: how malignant each modality's finding looks."""
     if draws.malignant[i]:
-        dm_evident, us_evident = mode in ("both", "dm"), mode in ("both", "us")
-        dm_s = _uniform(prng, params.suspicion_evident if dm_evident else params.suspicion_weak)
-        us_s = _uniform(prng, params.suspicion_evident if us_evident else params.suspicion_weak)
-        if dm_evident:
-            kind = int(prng.choice(3, p=np.asarray(params.malignant_dm_finding_probs)))
-            finding = ("mass", "calc", "mass+calc")[kind]
-        else:
-            finding = "mass"
-            masked = bool(prng.random() < params.p_masked)
-            if masked:
-                density = max(density, 2 + int(prng.random() < 0.4))
-        return dm_s, us_s, finding, masked, density
-    if i in draws.dm_mimic:
-        dm_s = _uniform(prng, params.suspicion_mimic)
-        finding = "mass" if prng.random() < 0.6 else "calc"
+        mode = str(draws.evidence[i])
+        dm = params.suspicion_evident if mode in ("both", "dm") else params.suspicion_weak
+        us = params.suspicion_evident if mode in ("both", "us") else params.suspicion_weak
     else:
-        dm_s = _uniform(prng, params.suspicion_benign)
-        finding = "mass" if prng.random() < params.p_dm_mass_benign else "none"
-    us_s = _uniform(
-        prng, params.suspicion_mimic if i in draws.us_mimic else params.suspicion_benign
-    )
-    return dm_s, us_s, finding, masked, density
+        dm = params.suspicion_mimic if i in draws.dm_mimic else params.suspicion_benign
+        us = params.suspicion_mimic if i in draws.us_mimic else params.suspicion_benign
+    return _uniform(prng, dm), _uniform(prng, us)
+
+
+def _count(prng: np.random.Generator, probs: Sequence[float]) -> int:
+    return 1 + int(prng.choice(len(probs), p=np.asarray(probs) / sum(probs)))
+
+
+def _images(prng: np.random.Generator, side: str, n_dm: int, n_us: int) -> tuple[ImagePlan, ...]:
+    """The lesion-side DM views first (CC and MLO), then the contralateral ones (no lesion);
+    every US image shows the lesion. Which views exist depends on the counts alone."""
+    other = "R" if side == "L" else "L"
+    views = ["CC", "MLO"] if prng.random() < 0.5 else ["MLO", "CC"]
+    dm_slots = [(side, v, True) for v in views] + [(other, v, False) for v in views]
+    images = [
+        ImagePlan("DM", v, lat, 0, lesion)
+        for lat, v, lesion in sorted(dm_slots[:n_dm], key=lambda t: (t[0], t[1]))
+    ]
+    images += [ImagePlan("US", "", side, k + 1, True) for k in range(n_us)]
+    return tuple(images)
 
 
 def _plan_patient(
     i: int, patient_id: str, seed: int, draws: _CohortDraws, params: SynthParams
 ) -> PatientPlan:
     prng = np.random.default_rng([seed, 1, i])
-    is_mal = bool(draws.malignant[i])
     side = "L" if prng.random() < 0.5 else "R"
     density = int(prng.choice(4, p=np.asarray(params.density_probs) / sum(params.density_probs)))
-    dm_s, us_s, finding, masked, density = _findings(prng, i, draws, params, density)
+    dm_s, us_s = _suspicions(prng, i, draws, params)
+    kind = int(prng.choice(3, p=np.asarray(params.finding_probs) / sum(params.finding_probs)))
+    finding = ("mass", "calc", "mass+calc")[kind]
+    masked = i in draws.masked
+    if masked:  # a mass hidden by dense tissue, and nothing else to see
+        finding = "mass"
+        density = max(density, 2 + int(prng.random() < 0.4))
     benign_calcs = bool(prng.random() < params.p_benign_calcs)
     lesion_seed = int(prng.integers(0, 2**62))
-
-    dm_probs = params.dm_count_probs_malignant if is_mal else params.dm_count_probs_benign
-    us_probs = params.us_count_probs_malignant if is_mal else params.us_count_probs_benign
-    n_dm = 1 + int(prng.choice(len(dm_probs), p=np.asarray(dm_probs) / sum(dm_probs)))
-    n_us = 1 + int(prng.choice(len(us_probs), p=np.asarray(us_probs) / sum(us_probs)))
-    if i in draws.dm_only:
-        n_us = 0
-    if i in draws.us_only:
-        n_dm = 0
-    other = "R" if side == "L" else "L"
-    views = ["CC", "MLO"] if prng.random() < 0.5 else ["MLO", "CC"]
-    dm_slots = [(side, v, True) for v in views] + [(other, v, False) for v in views]
-    images = [
-        ImagePlan("DM", v, lat, 0, lesion and finding != "none")
-        for lat, v, lesion in sorted(dm_slots[:n_dm], key=lambda t: (t[0], t[1]))
-    ]
-    images += [ImagePlan("US", "", side, k + 1, True) for k in range(n_us)]
+    noise_gain = float(2.0 ** prng.uniform(-1.5, 2.0))
+    n_dm = 0 if i in draws.us_only else _count(prng, params.dm_count_probs)
+    n_us = 0 if i in draws.dm_only else _count(prng, params.us_count_probs)
     return PatientPlan(
         index=i,
         patient_id=patient_id,
-        malignant=is_mal,
+        malignant=bool(draws.malignant[i]),
         evidence=str(draws.evidence[i]),
         dm_mimic=i in draws.dm_mimic,
         us_mimic=i in draws.us_mimic,
@@ -197,7 +203,8 @@ def _plan_patient(
         side=side,
         benign_calcs=benign_calcs,
         lesion_seed=lesion_seed,
-        images=tuple(images),
+        noise_gain=noise_gain,
+        images=_images(prng, side, n_dm, n_us),
     )
 
 

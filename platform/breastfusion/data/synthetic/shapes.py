@@ -68,12 +68,16 @@ class Shape:
 
 
 def lesion_shape(rng: np.random.Generator, s: float, *, us: bool) -> Shape:
-    """The outline of a lesion of suspicion ``s``: more lobulation, corners and spicules."""
+    """The outline of a lesion of suspicion ``s``: more lobulation, corners and spicules.
+
+    Spicules (DM only) start at s = 0.5 and grow in number and length with ``s``: they are
+    the coarsest malignant sign, still visible when a mammogram is shrunk to 48 px.
+    """
     k = np.arange(2, 9)
-    amp = (0.01 + 0.11 * s) * rng.uniform(0.3, 1.0, k.size) / (k / 2.0)
+    amp = (0.01 + 0.12 * s) * rng.uniform(0.3, 1.0, k.size) / (k / 2.0)
     amp[-3:] += 0.035 * s * rng.uniform(0.5, 1.0, 3)  # microlobulation
     n_ang = int(round(2 + 5 * s)) if s > 0.35 else 0
-    n_spic = 0 if us else int(round(max(0.0, s - 0.5) * 28))
+    n_spic = 0 if us or s <= 0.5 else int(round(6 + 24 * (s - 0.5)))
     return Shape(
         ratio=float(rng.uniform(0.6, 0.95)),
         harm_amp=amp,
@@ -81,7 +85,7 @@ def lesion_shape(rng: np.random.Generator, s: float, *, us: bool) -> Shape:
         ang_angles=rng.uniform(-np.pi, np.pi, n_ang),
         ang_amp=0.22 * max(0.0, s - 0.35),
         spic_angles=np.sort(rng.uniform(-np.pi, np.pi, n_spic)),
-        spic_len=rng.uniform(0.8, 2.2, n_spic) * s,
+        spic_len=rng.uniform(1.5, 3.0, n_spic) * (0.5 + s),
         angle=float(rng.uniform(-np.pi, np.pi)),
     )
 

@@ -41,7 +41,7 @@ def render_us(
     sy0, sy1 = round(h * rng.uniform(0.08, 0.12)), h - round(h * rng.uniform(0.03, 0.06))
     scan = (sx0, sy0, sx1, sy1)
     tissue = _tissue(rng, sy1 - sy0, sx1 - sx0, sc)
-    mask, sl = _lesion(rng, pt, tissue, scan, prm, sc)
+    mask, sl = _lesion(rng, pt, tissue, prm, sc)
     z = (np.arange(sy1 - sy0, dtype=np.float32)[:, None] + 0.5) / (sy1 - sy0)
     tissue *= (1.05 - 0.35 * z).astype(np.float32)  # attenuation after time-gain compensation
     grey = np.zeros((h, w), np.float32)
@@ -97,12 +97,7 @@ def _tissue(rng: np.random.Generator, sh_: int, sw: int, sc: float) -> np.ndarra
 
 
 def _lesion(
-    rng: np.random.Generator,
-    pt: PatientPlan,
-    tissue: np.ndarray,
-    scan: Box,
-    prm: SynthParams,
-    sc: float,
+    rng: np.random.Generator, pt: PatientPlan, tissue: np.ndarray, prm: SynthParams, sc: float
 ) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Draw the lesion into ``tissue`` (in place); returns its mask and the mask's window.
 
@@ -122,17 +117,12 @@ def _lesion(
     lb = min(lb, 0.28 * sh_)
     la = min(la, 0.3 * sw)
     margin = 0.04 * sw + 3 * max(1, round(sc * 2))
-    sx0, sy0, sx1, _ = scan
-    lcx = rng.uniform(
-        sx0 + la * 1.3 + margin, max(sx0 + la * 1.3 + margin + 1, sx1 - la * 1.3 - margin)
-    )
-    lcx -= sx0
+    x_lo = la * 1.3 + margin
+    lcx = rng.uniform(x_lo, max(x_lo + 1, sw - la * 1.3 - margin))  # scan coordinates
     lo = max(0.15 * sh_ + lb * 1.3, 0.3 * sh_)
-    # A tall lesion in a shallow sector can push the upper bound below the lower one; numpy
-    # then raises. Clamping changes only draws that used to crash.
+    # A tall lesion in a shallow sector can push the upper bound below the lower one.
     hi = max(0.3 * sh_ + 1, 0.75 * sh_ - lb * 1.3, lo)
-    lcy = sy0 + rng.uniform(lo, hi)
-    lcy -= sy0
+    lcy = rng.uniform(lo, hi)
     angle = rng.uniform(-0.25, 0.25) + (sh.angle * 0.1)
     soft = max(0.4, (0.4 + 1.6 * s) * sc)
     sl, dy, dx = patch(lcy, lcx, max(la, lb) * 1.6 + 3 * soft + 2, sh_, sw)
