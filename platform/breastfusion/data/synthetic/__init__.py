@@ -57,6 +57,8 @@ Evidence, drawn to survive shrinking to 48 px (sizes are fractions of the image,
   fat-containing (darker than tissue) mass with a thin bright capsule; high ``s`` an
   irregular, indistinct, high-density mass with 6-18 long tapering spicules (from s = 0.5),
   and thickened skin on that side. Its contrast falls with breast density (``dm_masking``).
+  The glandular texture is kept faint: at 48 px it would otherwise bury the evidence (with
+  its full contrast a ResNet-18 from scratch learnt DM ~0.05 AUC slower).
 * DM calcifications: low ``s`` a few coarse round ones; high ``s`` up to 40 fine pleomorphic
   ones along branching lines (bright streaks when shrunk).
 * US lesion (hypoechoic): aspect from wider-than-tall (s = 0) to taller-than-wide (s = 1),

@@ -124,9 +124,9 @@ def _breast(
     thr = float(ndtri(1.0 - DENSITY_FRACTION[density]))
     wreg = np.exp(-(((y - cy) / (0.8 * b)) ** 2)) * np.clip((1.0 - r) / 0.15, 0.0, 1.0)
     gland = sigmoid((field_ - thr) / 0.55) * wreg
-    img = edge * (0.14 + 0.2 * np.sqrt(t)) + gland * edge * 0.16 * (0.5 + 0.5 * t)
-    skin_w = max(1.2 * sc, 0.5) + thick * 0.035 * h
-    img += (0.05 + 0.2 * thick) * edge * np.exp(-(((1.0 - r) * min(a, b) / skin_w) ** 2))
+    img = edge * (0.14 + 0.2 * np.sqrt(t)) + gland * edge * 0.09 * (0.5 + 0.5 * t)
+    skin_w = max(1.2 * sc, 0.5) + thick * 0.06 * h
+    img += (0.05 + 0.35 * thick) * edge * np.exp(-(((1.0 - r) * min(a, b) / skin_w) ** 2))
 
     px = py = 0.0
     if mlo:
