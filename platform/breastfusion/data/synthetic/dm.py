@@ -35,6 +35,7 @@ from breastfusion.data.synthetic.shapes import (
     sigmoid,
     smooth1d,
     smooth_noise,
+    wrap_angle,
 )
 
 
@@ -196,7 +197,7 @@ def _mass(
         th = np.arctan2(dy, dx)
         spic = np.zeros_like(mask)
         for ang, length in zip(sh.spic_angles + angle, sh.spic_len, strict=True):
-            dth = np.angle(np.exp(1j * (th - ang)))
+            dth = wrap_angle(th - ang)
             along = rho * np.cos(dth)
             lateral = rho * np.abs(np.sin(dth))
             prof = np.clip(1.0 - (along - 0.7 * radius) / (length * radius + 1e-3), 0.0, 1.0)

@@ -17,6 +17,11 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+def wrap_angle(x: np.ndarray) -> np.ndarray:
+    """Angles wrapped to [-pi, pi)."""
+    return (x + np.pi) % (2 * np.pi) - np.pi
+
+
 def _interp_matrix(n: int, f: int, m: int) -> np.ndarray:
     """(n x m) Gaussian interpolation weights from m coarse knots spaced f pixels apart."""
     pos = (np.arange(n, dtype=np.float32) + 0.5) / f + 1.0
@@ -96,7 +101,7 @@ def _outline(theta: np.ndarray, sh: Shape) -> np.ndarray:
     for j, (a, ph) in enumerate(zip(sh.harm_amp, sh.harm_phase, strict=True)):
         r += a * np.cos((j + 2) * theta + ph)
     for ang in sh.ang_angles:
-        d = np.abs(np.angle(np.exp(1j * (theta - ang))))
+        d = np.abs(wrap_angle(theta - ang))
         r += sh.ang_amp * np.clip(1.0 - d / 0.45, 0.0, None)
     return r
 
