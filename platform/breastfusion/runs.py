@@ -431,3 +431,39 @@ def _abs(value: Any, root: Path) -> Any:
     if isinstance(value, str) and value.startswith(_REL):
         return str(root / value[len(_REL) :])
     return value
+
+
+# -- relocatable records -------------------------------------------------------------------------
+
+PATH_KEYS = ("search_dir", "dir")
+
+
+def portable(obj: Any, base: Path, keys: Sequence[str] = PATH_KEYS) -> Any:
+    """``obj`` with the values of path keys (``search_dir``, ``dir``) made relative to ``base``
+    (the folder of the file being written), so a moved study or results folder still reads."""
+    import os
+
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if k in keys and isinstance(v, str | Path) and Path(v).is_absolute():
+                v = Path(os.path.relpath(Path(v), Path(base).resolve())).as_posix()
+            out[k] = portable(v, base, keys)
+        return out
+    if isinstance(obj, list | tuple):
+        return [portable(v, base, keys) for v in obj]
+    return obj
+
+
+def resolved(obj: Any, base: Path, keys: Sequence[str] = PATH_KEYS) -> Any:
+    """The inverse of ``portable``: relative path values resolved against ``base``."""
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if k in keys and isinstance(v, str) and v and not Path(v).is_absolute():
+                v = str((Path(base) / v).resolve())
+            out[k] = resolved(v, base, keys)
+        return out
+    if isinstance(obj, list):
+        return [resolved(v, base, keys) for v in obj]
+    return obj

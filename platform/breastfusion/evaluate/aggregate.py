@@ -324,10 +324,13 @@ def write_aggregate(result: AggregateResult, out: Path) -> dict[str, Path]:
     if parts:
         oof = runs.csv_text(pd.concat(parts, ignore_index=True))
         files[OOF_BEST_FILE] = atomic_write_text(out / OOF_BEST_FILE, oof)
-    files[BEST_CONFIG_FILE] = atomic_write_json(out / BEST_CONFIG_FILE, result.best)
+    # Folder paths are stored relative to ``out``: a moved study or results folder still reads.
+    files[BEST_CONFIG_FILE] = atomic_write_json(
+        out / BEST_CONFIG_FILE, runs.portable(result.best, out)
+    )
     result.files = {k: str(Path(k)) for k in [*files, AGGREGATE_FILE]}
     files[AGGREGATE_FILE] = atomic_write_json(
-        out / AGGREGATE_FILE, {"format": FORMAT, **result.to_dict()}
+        out / AGGREGATE_FILE, runs.portable({"format": FORMAT, **result.to_dict()}, out)
     )
     return files
 
@@ -343,4 +346,4 @@ def load_aggregate(path: Path) -> AggregateResult:
             f"{path}: written by an older breastfusion (format {data.get('format', 1)}, "
             f"expected {FORMAT}); run `breastfusion aggregate` on the searches again"
         )
-    return AggregateResult.from_dict(data)
+    return AggregateResult.from_dict(runs.resolved(data, path.parent))

@@ -53,7 +53,7 @@ def _record(best: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str, 
         search = runs.SearchDir(path)
         search.experiment()  # a clear error when this is not a search folder
         return search.best(), str(search.best_path), path
-    record = runs.read_json(path, "best-configuration record")
+    record = runs.resolved(runs.read_json(path, "best-configuration record"), path.parent)
     implied = path.parent if path.name == runs.BEST_FILE else None
     return record, str(path), implied
 
