@@ -139,7 +139,10 @@ def roi_stage(ctx: StageContext, out: Path) -> Outputs:
     result["manifest"] = cropped.manifest
     result["roi_summary"] = cropped.summary_json
     result["roi_sources"] = cropped.counts
-    ctx.say(f"cropped US images: {cropped.counts}")
+    # The summary's lines end with its warnings (a high no-detection share, unlinked DM
+    # files): the study log must show them, not only roi_summary.json.
+    for line in cropped.summary.lines():
+        ctx.say(line)
     return result
 
 
