@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import _study_fakes as fakes
-from breastfusion import study_stages
+from breastfusion import runs, study_stages
+from breastfusion.evaluate.aggregate import load_aggregate
+from breastfusion.evaluate.settings import AggregateSettings
 from breastfusion.study_config import parse_study
 from breastfusion.study_stages import StageContext
 
@@ -56,3 +59,31 @@ def test_roi_stage_prints_the_crop_summary_and_its_warnings(tmp_path, monkeypatc
     warnings = [line for line in lines if line.strip().startswith("warning: ")]
     assert warnings and "relocatable" in " ".join(warnings)
     assert "{'detected'" not in text  # not the raw counts dict
+
+
+# -- 07 aggregate: the Markdown tables beside the JSON/CSV ----------------------------------------
+
+
+def test_aggregate_stage_writes_the_markdown_summary_and_tables(tmp_path):
+    from test_aggregate import make_study_searches
+
+    dm, us, fusion = make_study_searches(tmp_path / "searches")
+    study = SimpleNamespace(aggregate=AggregateSettings(bootstrap=200))
+    lines: list[str] = []
+    ctx = StageContext(study, tmp_path / "study", False, lines.append)  # type: ignore[arg-type]
+    ctx.outputs = {
+        "04_backbones_dm": {"search_dir": dm},
+        "05_backbones_us": {"search_dir": us},
+        "06_fusion": {"search_dir": fusion},
+    }
+    out = tmp_path / "study" / "07_aggregate"
+    outputs = study_stages.aggregate_stage(ctx, out)
+    assert outputs["summary"] == out / "summary.md"
+    summary = (out / "summary.md").read_text()
+    assert "DM+US" in summary and "|" in summary
+    table3 = out / "tables" / "table3_modalities.md"
+    assert table3.is_file() and "DM+US" in table3.read_text()
+    assert (out / "tables" / "table3_modalities.csv").is_file()  # the CSVs are still there
+    # The report reads the aggregation back from the same folder.
+    best = runs.read_json(out / "best_config.json")["trial"]
+    assert load_aggregate(out).best["trial"] == best

@@ -221,10 +221,11 @@ def check_search_finished(folder: runs.SearchDir, resume_command: str) -> None:
 
 def aggregate_stage(ctx: StageContext, out: Path) -> Outputs:
     from breastfusion.evaluate.aggregate import aggregate
+    from breastfusion.report.cv import write_markdown
 
     dirs = [Path(ctx.outputs[s]["search_dir"]) for s in runs.SEARCH_STAGES if s in ctx.outputs]
     a = ctx.study.aggregate
-    aggregate(
+    result = aggregate(
         dirs,
         out,
         threshold=a.threshold,
@@ -235,7 +236,16 @@ def aggregate_stage(ctx: StageContext, out: Path) -> Outputs:
         score_scale=a.score_scale,
         prefix="aggregate",
     )
-    return {"aggregate_dir": out, "best_config": out / "best_config.json"}
+    # summary.md and tables/*.md: the tables readable without the HTML report, as
+    # ``breastfusion aggregate`` writes them.
+    markdown = write_markdown(result, out)
+    for w in result.warnings:
+        ctx.say(f"warning: {w}")
+    return {
+        "aggregate_dir": out,
+        "best_config": out / "best_config.json",
+        "summary": markdown["summary.md"],
+    }
 
 
 # -- 08 final -----------------------------------------------------------------------------------
