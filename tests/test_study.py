@@ -219,7 +219,8 @@ def test_stage_records_are_strict_json_and_the_headline_keeps_small_numbers(
     assert "at threshold -0.000123 (probability 0.500); 8 patients, 2 malignant" in text
     assert "DeLong p = 4.5e-07" in text
     study_json = json.loads((out / "study.json").read_text())
-    assert study_json["resolved"]["splits"] == {"folds": 2, "holdout": 0.2, "seed": 0}
+    resolved = {"folds": 2, "holdout": 0.2, "seed": 0, "near_duplicates": "off"}
+    assert study_json["resolved"]["splits"] == resolved
 
 
 def test_an_unfinished_search_is_never_marked_done(tmp_path, tiny, fake_stages, monkeypatch):

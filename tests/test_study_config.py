@@ -56,6 +56,10 @@ def _with(**sections) -> dict:
         (_with(tracking={"uri": "x"}), "unknown setting tracking.uri"),
         (_with(splits={"folds": 1}), "splits.folds must be >= 2"),
         (_with(splits={"holdout": "a lot"}), "splits.holdout must be a number"),
+        (
+            _with(splits={"near_duplicates": "group"}),
+            "splits.near_duplicates must be one of off, refuse, got 'group'",
+        ),
         (_with(roi={"mode": "magic"}), "roi.mode must be one of detect, boxes, none"),
         (_with(base={"optim.lrr": 1}), "base: unknown config key 'optim.lrr'"),
         (
@@ -89,7 +93,12 @@ def test_bad_study_files_fail_before_any_stage_and_write_nothing(tmp_path, capsy
 
 def test_defaults_live_in_the_typed_config(tmp_path):
     study = load_study(_study(tmp_path, MINIMAL))
-    assert study.splits.to_dict() == {"folds": 5, "holdout": 0.2, "seed": 0}
+    assert study.splits.to_dict() == {
+        "folds": 5,
+        "holdout": 0.2,
+        "seed": 0,
+        "near_duplicates": "off",
+    }
     assert study.data.synthetic.to_dict() == {
         "patients": 120,
         "size": 128,
@@ -184,3 +193,22 @@ def test_shipped_study_files_load():
         study = load_study(ROOT / "jobs" / name)
         assert isinstance(study, StudyConfig)
         assert set(study.searches) == {"dm", "us", "fusion"}
+
+
+def test_splits_near_duplicates_reads_yaml_words_and_hashes_only_when_on(tmp_path):
+    def splits_of(text: str, name: str) -> StudyConfig:
+        doc = yaml.safe_dump(MINIMAL) + text
+        path = tmp_path / name
+        path.write_text(doc)
+        return load_study(path)
+
+    plain = splits_of("", "plain.yaml")
+    off = splits_of("splits:\n  near_duplicates: off\n", "off.yaml")  # YAML 1.1: false
+    on = splits_of("splits:\n  near_duplicates: refuse\n", "on.yaml")
+    bare_on = splits_of("splits:\n  near_duplicates: on\n", "bare.yaml")  # YAML 1.1: true
+    assert off.splits.near_duplicates == "off" and plain.splits.near_duplicates == "off"
+    assert on.splits.near_duplicates == bare_on.splits.near_duplicates == "refuse"
+    # Off is the default and leaves the splits stage's hash as it was before the key existed.
+    assert plain.stage_settings("02_splits") == {"folds": 5, "holdout": 0.2, "seed": 0}
+    assert off.stage_settings("02_splits") == plain.stage_settings("02_splits")
+    assert on.stage_settings("02_splits")["near_duplicates"] == "refuse"

@@ -5,11 +5,15 @@ aggregation stage writes, and the splits stage's near-duplicate check. A tiny sy
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 import _study_fakes as fakes
 from breastfusion import runs, study_stages
+from breastfusion.errors import SplitError
 from breastfusion.evaluate.aggregate import load_aggregate
 from breastfusion.evaluate.settings import AggregateSettings
 from breastfusion.study_config import parse_study
@@ -87,3 +91,43 @@ def test_aggregate_stage_writes_the_markdown_summary_and_tables(tmp_path):
     # The report reads the aggregation back from the same folder.
     best = runs.read_json(out / "best_config.json")["trial"]
     assert load_aggregate(out).best["trial"] == best
+
+
+# -- 02 splits: splits.near_duplicates ------------------------------------------------------------
+
+
+def _copy_across_patients(ctx: StageContext) -> tuple[str, str]:
+    """Overwrite one patient's US image with another patient's: a near duplicate."""
+    us = _us_rows(ctx)
+    a = us.iloc[0]
+    b = us[us["patient_id"] != a["patient_id"]].iloc[0]
+    shutil.copyfile(a["abs_path"], b["abs_path"])
+    return str(a["patient_id"]), str(b["patient_id"])
+
+
+def test_splits_stage_refuses_near_duplicates_across_patients_when_asked(tmp_path):
+    ctx, lines = _context(tmp_path, splits={"folds": 2, "holdout": 0.2, "near_duplicates": "refuse"})
+    _run(ctx, "01_data", study_stages.data_stage)
+    clean = _run(ctx, "02_splits", study_stages.splits_stage)
+    assert Path(clean["splits"]).is_file()
+    assert "near duplicates: none across patients" in "\n".join(lines)
+
+    a, b = _copy_across_patients(ctx)
+    out = ctx.dir("02_splits") / "again"
+    with pytest.raises(SplitError) as info:
+        study_stages.splits_stage(ctx, out)
+    message = str(info.value)
+    assert "splits.near_duplicates" in message and "near-duplicate image pair" in message
+    assert "manifest.csv" in message
+    details = " ".join(info.value.details)
+    assert a in details and b in details
+    assert not (out / "splits.json").exists()  # nothing half-written
+
+
+def test_splits_stage_does_not_look_for_near_duplicates_by_default(tmp_path):
+    ctx, lines = _context(tmp_path)
+    _run(ctx, "01_data", study_stages.data_stage)
+    _copy_across_patients(ctx)
+    outputs = _run(ctx, "02_splits", study_stages.splits_stage)
+    assert Path(outputs["splits"]).is_file()
+    assert "near duplicates" not in "\n".join(lines)

@@ -159,7 +159,12 @@ class StudyConfig:
                 data["manifest_sha256"] = _sha256(self.data.manifest)
             return data
         if stage == "02_splits":
-            return self.splits.to_dict()
+            splits = self.splits.to_dict()
+            if splits["near_duplicates"] == "off":
+                # Left out of the hash when off, so splits recorded before the key existed
+                # stay up to date.
+                del splits["near_duplicates"]
+            return splits
         if stage == "03_roi":
             roi = self.roi.resolved()
             weights = roi.get("train", {}).get("weights")

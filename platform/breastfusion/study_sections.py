@@ -183,6 +183,16 @@ class SplitSettings(Section):
     folds: int = _bound(5, ge=2)
     holdout: float = _bound(0.2, ge=0.0, lt=1.0)
     seed: int = _bound(0, ge=0)
+    # refuse: no splits while near-duplicate images belong to different patients (they would
+    # leak between partitions), as ``breastfusion split --near-duplicates`` does.
+    near_duplicates: Literal["off", "refuse"] = "off"
+
+    @classmethod
+    def from_dict(cls, raw: Any, prefix: str | None = None) -> Any:
+        # YAML 1.1 reads a bare ``off``/``on`` as a boolean: take them as the words they are.
+        if isinstance(raw, typing.Mapping) and isinstance(raw.get("near_duplicates"), bool):
+            raw = {**raw, "near_duplicates": "refuse" if raw["near_duplicates"] else "off"}
+        return super().from_dict(raw, prefix)
 
 
 @dataclass(frozen=True)

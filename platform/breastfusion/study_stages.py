@@ -92,8 +92,15 @@ def splits_stage(ctx: StageContext, out: Path) -> Outputs:
 
     manifest = ctx.outputs["01_data"]["manifest"]
     s = ctx.study.splits
+    df = _manifest(ctx)
+    if s.near_duplicates == "refuse":
+        from breastfusion.data import near_duplicates as nd
+
+        # The same check as ``breastfusion split --near-duplicates``; its error names the key.
+        nd.refuse_across_patients(nd.manifest_pairs(df, source=str(manifest)), str(manifest))
+        ctx.say("near duplicates: none across patients")
     splits = make_splits(
-        _manifest(ctx),
+        df,
         folds=s.folds,
         holdout=s.holdout,
         seed=s.seed,
