@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from breastfusion import runs
+from breastfusion.config import Config, save_yaml
 from breastfusion.distributed import results, session
 from breastfusion.distributed.objective import (
     COMPLETE,
@@ -25,9 +26,11 @@ from breastfusion.distributed.objective import (
     cv_objective,
     fold_pruning_verdict,
     fold_summary,
+    portable_hash,
     read_outcomes,
 )
 from breastfusion.distributed.space import parse_space
+from breastfusion.io import sha256_json as _sha256_json
 
 # -- the objective -------------------------------------------------------------------------------
 
@@ -51,7 +54,19 @@ def test_cv_objective_is_the_mean_and_sample_sd_of_the_fold_aucs():
     assert summary["auc/fold0"] == 0.7 and "auc/fold2" not in summary
 
 
-def _write_fold(trial: Path, k: int, auc: float | None, *, degenerate=False, model=True, h="h"):
+def _fold_config(k: int, lr: float = 1e-4, data: str = "/data/a") -> Config:
+    return Config().with_overrides(
+        {
+            "optim.lr": lr,
+            "data.fold": k,
+            "data.manifest": f"{data}/manifest.csv",
+            "data.splits": f"{data}/splits.json",
+        }
+    )
+
+
+def _write_fold(trial: Path, k: int, auc: float | None, *, degenerate=False, model=True, **cfg):
+    """A finished fold as the engine leaves it (``config.yaml`` with ``cfg``: ``lr``, ``data``)."""
     fold = trial / f"fold{k}"
     fold.mkdir(parents=True, exist_ok=True)
     (fold / runs.FOLD_PREDICTIONS).write_text(
@@ -59,21 +74,40 @@ def _write_fold(trial: Path, k: int, auc: float | None, *, degenerate=False, mod
     )
     if model:
         (fold / runs.FOLD_MODEL).write_bytes(b"weights")
-    metrics = {"auc": auc, "degenerate": degenerate, "config_hash": h, "fold": k}
+    config = _fold_config(k, **cfg)
+    save_yaml(config, fold / runs.FOLD_CONFIG)
+    metrics = {"auc": auc, "degenerate": degenerate, "config_hash": config.config_hash(), "fold": k}
     metrics["degenerate_reason"] = "2 distinct score(s)" if degenerate else None
     (fold / runs.FOLD_METRICS).write_text(json.dumps(metrics))
     return fold
 
 
+def _expected(folds, **cfg) -> dict[int, str]:
+    return {k: portable_hash(_fold_config(k, **cfg).to_dict()) for k in folds}
+
+
 def test_read_outcomes_skips_unfinished_and_foreign_folds(tmp_path):
     trial = tmp_path / "t"
     _write_fold(trial, 0, 0.75)
-    _write_fold(trial, 1, None, h="other")
+    _write_fold(trial, 1, None, lr=3e-4)  # another configuration
     (trial / "fold2").mkdir()  # started, never finished
-    done = read_outcomes(runs.TrialDir(trial), [0, 1, 2], {0: "h", 1: "h", 2: "h"})
+    done = read_outcomes(runs.TrialDir(trial), [0, 1, 2], _expected([0, 1, 2]))
     assert set(done) == {0}
     done = read_outcomes(runs.TrialDir(trial), [0, 1, 2])
     assert set(done) == {0, 1} and math.isnan(done[1].auc)
+
+
+def test_finished_folds_are_recognised_wherever_the_data_lay(tmp_path):
+    """A search moved with its data (``mv``) keeps its finished folds: the expected config
+    names the data's new place, the fold's config.yaml the old one."""
+    trial = tmp_path / "t"
+    _write_fold(trial, 0, 0.75, data="/old/place")
+    _write_fold(trial, 1, 0.7, data="/old/place", lr=3e-4)
+    moved = _expected([0, 1], data="/new/place")
+    assert set(read_outcomes(runs.TrialDir(trial), [0, 1], moved)) == {0}
+    assert _fold_config(0).config_hash() != _fold_config(0, data="/new").config_hash()
+    (trial / "fold0" / runs.FOLD_CONFIG).unlink()  # no config: no configuration it matches
+    assert read_outcomes(runs.TrialDir(trial), [0, 1], moved) == {}
 
 
 def test_fold_reporter_lags_one_epoch_and_never_uses_the_best_epoch():
@@ -278,8 +312,6 @@ def test_keep_checkpoints_best_keeps_the_tie_band_and_drops_scratch(tmp_path):
             for n, m in (("t1", 0.80), ("t2", 0.80025), ("t3", 0.7))
         ]
     )
-    from breastfusion.config import Config
-
     cands = results.candidates(rows, Config(), "unit")
     keep = results.keep_set(cands)
     assert keep == {"t1", "t2"}
@@ -322,3 +354,88 @@ def test_progress_lines_say_index_folds_best_and_eta(tmp_path):
     assert "fold 0 AUC 0.700 DEGENERATE (2 distinct scores)" in lines[1]
     assert "(1/2 folds" in lines[1] and "best so far 0.810 (t00009)" in lines[1]
     assert "1/3 trials ended" in lines[1] and "ETA ≤" in lines[1]
+
+
+# -- resuming a moved search ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def partial_search(tmp_path, monkeypatch):
+    """A cohort and a search folder side by side in ``tmp_path/a``, as a study keeps them; the
+    search's Tune run is a stand-in (everything before it is real: checks, claim, fingerprint)."""
+    from breastfusion.data.manifest import load_manifest
+    from breastfusion.data.splits import make_splits, write_splits
+    from breastfusion.data.synthetic import generate_cohort
+    from breastfusion.distributed import search as S
+    from breastfusion.io import sha256_file
+
+    root = tmp_path / "a"
+    manifest = generate_cohort(root / "cohort", n_patients=20, seed=0, size=32)
+    made = make_splits(
+        load_manifest(manifest), folds=2, holdout=0.2, seed=0, manifest_sha256=sha256_file(manifest)
+    )
+    splits = write_splits(made, root / "splits.json")
+    ran: list = []
+    monkeypatch.setattr(S, "_run_tune", lambda plan: ran.append(plan) or plan)
+    space = parse_space(
+        {
+            "name": "moved",
+            "algorithm": "random",
+            "num_samples": 1,
+            "scheduler": "none",
+            "fixed": {"data.modality": "fusion"},
+            "space": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+        }
+    )
+
+    def run(where: Path, resume: bool):
+        return S.search(
+            space,
+            where / "cohort" / manifest.name,
+            where / splits.name,
+            where / "search",
+            resume=resume,
+            echo=lambda line: None,
+        )
+
+    run(root, resume=False)
+    return SimpleNamespace(root=root, run=run, ran=ran)
+
+
+def test_a_moved_search_resumes_and_changed_data_is_refused(partial_search, tmp_path):
+    from breastfusion.errors import UserError
+
+    first = partial_search.ran[-1]
+    moved = tmp_path / "b"
+    partial_search.root.rename(moved)  # mv a b
+    plan = partial_search.run(moved, resume=True)
+    assert plan.fingerprint == first.fingerprint and plan.out == moved / "search"
+    assert plan.base.data.manifest == str(moved / "cohort" / "manifest.csv")
+    record = json.loads((moved / "search" / runs.EXPERIMENT_FILE).read_text())
+    assert record["fingerprint"] == first.fingerprint
+    assert str(partial_search.root) not in json.dumps(record)
+
+    manifest = moved / "cohort" / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",CC,", ",MLO,", 1))
+    with pytest.raises(UserError) as info:
+        partial_search.run(moved, resume=True)
+    message = str(info.value)
+    assert f"{moved / 'search'} holds a different experiment" in message
+    assert "the manifest's content changed" in message
+    assert "base configuration" not in message  # the new place is not a difference
+
+
+def test_a_search_fingerprinted_with_its_paths_still_resumes_in_place(partial_search):
+    """Searches started before the fingerprint left the paths out resume where they are."""
+    root = partial_search.root
+    path = root / "search" / runs.EXPERIMENT_FILE
+    record = json.loads(path.read_text())
+    plan = partial_search.ran[-1]
+    record["base_config_hash"] = plan.base.config_hash()  # as such a search recorded it
+    record["fingerprint"] = earlier = _sha256_json(
+        {k: v for k, v in record.items() if k != "fingerprint"}
+    )
+    path.write_text(json.dumps(record))
+    resumed = partial_search.run(root, resume=True)
+    assert resumed.fingerprint == plan.fingerprint != earlier
+    assert json.loads(path.read_text())["fingerprint"] == plan.fingerprint

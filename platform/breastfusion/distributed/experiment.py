@@ -1,7 +1,8 @@
 """The search folder's description and claim: what a search is, and whether DIR may hold it.
 
 ``experiment.json`` describes a search (space, data hashes, folds, base configuration); its
-fingerprint decides whether ``--resume`` continues the same search. A folder holding another
+fingerprint decides whether ``--resume`` continues the same search. The data count by content
+(sha256), not by path, so a search folder moved with its data still resumes. A folder holding another
 search is refused with the keys that differ; a folder holding foreign files is refused;
 ownership goes through ``breastfusion.fsguard``. Light: no Ray, no torch.
 """
@@ -28,13 +29,16 @@ def resume_command_for(
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def claim_output(out: Path, experiment: dict, fingerprint: str, resume: bool) -> None:
+def claim_output(
+    out: Path, experiment: dict, fingerprint: str, resume: bool, also: tuple[str, ...] = ()
+) -> None:
     """Refuse a folder that holds another experiment (naming what differs), this one without
-    ``resume``, or foreign files; then mark it as a search folder."""
+    ``resume``, or foreign files; then mark it as a search folder. ``also``: fingerprints an
+    earlier version gave this same experiment."""
     folder = runs.SearchDir(out)
     if folder.is_search():
         previous = folder.experiment()
-        if previous.get("fingerprint") != fingerprint:
+        if previous.get("fingerprint") not in (fingerprint, *also):
             diffs = describe_differences(previous, experiment)
             raise UserError(
                 f"{out} holds a different experiment; what differs: {'; '.join(diffs[:6])}"
@@ -78,7 +82,7 @@ def describe_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if prefix in label:
         return [f"{label[prefix]} changed"]
     if prefix == "base_config_hash":
-        return ["the fixed base configuration changed"]
+        return ["the fixed base configuration changed (settings other than the data's location)"]
     return [f"{prefix}: {old!r} → {new!r}"]
 
 

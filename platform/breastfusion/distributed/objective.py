@@ -38,17 +38,43 @@ def is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Where the data lives is no part of a configuration's identity inside a search: the search's
+# fingerprint checks the manifest's and splits' content (sha256), and a search folder moved
+# with its data (``mv STUDY ELSEWHERE``) must still recognise its finished folds.
+DATA_LOCATIONS = ("manifest", "splits", "cache_dir")
+
+
+def portable_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of a resolved config (``Config.to_dict()``, or a fold's ``config.yaml``) without
+    the data's locations (``DATA_LOCATIONS``) or the informational ``config_hash``."""
+    from breastfusion.io import sha256_json
+
+    raw = {k: v for k, v in config.items() if k != "config_hash"}
+    data = {k: v for k, v in dict(raw.get("data") or {}).items() if k not in DATA_LOCATIONS}
+    return sha256_json({**raw, "data": data})
+
+
+def _fold_hash(fold: runs.FoldDir) -> str | None:
+    from breastfusion.errors import UserError
+
+    try:
+        return portable_hash(fold.config())
+    except UserError:  # no readable config.yaml: not a fold of any known configuration
+        return None
+
+
 def read_outcomes(
     trial: runs.TrialDir, folds: Iterable[int], hashes: Mapping[int, str] | None = None
 ) -> dict[int, FoldOutcome]:
-    """The trial's finished folds. With ``hashes`` (fold → expected ``config_hash``), a fold
-    written for another configuration counts as not finished (it is trained again)."""
+    """The trial's finished folds. With ``hashes`` (fold → expected ``portable_hash`` of its
+    config), a fold written for another configuration counts as not finished (it is trained
+    again); where the data lay when it ran does not matter."""
     done: dict[int, FoldOutcome] = {}
     for fold in trial.folds(list(folds)):
         if not fold.finished:
             continue
         m = fold.metrics()
-        if hashes is not None and m.get("config_hash") != hashes.get(fold.k):
+        if hashes is not None and _fold_hash(fold) != hashes.get(fold.k):
             continue
         auc = m.get("auc")
         done[fold.k] = FoldOutcome(

@@ -28,7 +28,12 @@ import pandas as pd
 
 from breastfusion import runs
 from breastfusion.config import Config
-from breastfusion.distributed.objective import FoldOutcome, cv_objective, read_outcomes
+from breastfusion.distributed.objective import (
+    FoldOutcome,
+    cv_objective,
+    portable_hash,
+    read_outcomes,
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,9 @@ class TrialRecord:
 
 
 def fold_hashes(base: Config, params: Mapping[str, Any], folds: Iterable[int]) -> dict[int, str]:
+    """What ``read_outcomes`` expects of each fold of a trial (``objective.portable_hash``)."""
     cfg = base.with_overrides(dict(params))
-    return {k: cfg.with_overrides({"data.fold": k}).config_hash() for k in folds}
+    return {k: portable_hash(cfg.with_overrides({"data.fold": k}).to_dict()) for k in folds}
 
 
 def trial_rows(

@@ -49,6 +49,7 @@ from breastfusion.distributed.objective import (
     Reference,
     cv_objective,
     is_number,
+    portable_hash,
     read_outcomes,
 )
 from breastfusion.distributed.session import InterruptGuard, Session, active
@@ -125,6 +126,8 @@ def search(
     base_cfg = space.base_config(base).with_overrides(
         {"data.manifest": str(manifest), "data.splits": str(splits)}
     )
+    # The data by content, the configuration without the data's location: a search folder
+    # moved with its data (``mv STUDY ELSEWHERE``) resumes; changed data is refused.
     experiment = {
         "space": space.source,
         "space_name": space.name,
@@ -132,9 +135,12 @@ def search(
         "folds": folds,
         "manifest_sha256": sha256_file(manifest),
         "splits_sha256": sha256_file(splits),
-        "base_config_hash": base_cfg.config_hash(),
+        "base_config_hash": portable_hash(base_cfg.to_dict()),
     }
     fingerprint = sha256_json(experiment)
+    # What searches started before that recorded (the absolute paths hashed in): they resume
+    # where they are.
+    earlier = sha256_json({**experiment, "base_config_hash": base_cfg.config_hash()})
     command = resume_command or resume_command_for(space_path, manifest, splits, out, debug)
     plan = _Plan(
         space, base_cfg, list(folds), out, fingerprint, resume, debug, echo, command, mlflow_uri
@@ -146,7 +152,7 @@ def search(
     existed = out.exists()
     with fsguard.FolderLock(out, "search"):
         try:
-            claim_output(out, experiment, fingerprint, resume)
+            claim_output(out, experiment, fingerprint, resume, also=(earlier,))
         except UserError:
             if not existed:
                 shutil.rmtree(out, ignore_errors=True)

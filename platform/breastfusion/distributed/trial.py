@@ -3,10 +3,11 @@
 Fold outputs go straight to the search folder, ``DIR/trials/<trial>/fold<k>/`` (the engine
 writes ``metrics.json`` last, so a fold without it is unfinished). That folder is the truth
 a retried, resumed or reused trial starts from: a fold whose ``metrics.json`` was written
-for this configuration (same ``config_hash``) and whose model is there is kept, any other
-fold is trained again from scratch (``worker.finished_folds``). The Tune checkpoint of each
-fold is a few bytes (the finished folds' AUCs) that keeps Tune's iteration count across
-retries. A trial trains on as many threads as its CPU resources allow.
+for this configuration (its ``config.yaml`` matches, wherever the data lay then:
+``objective.portable_hash``) and whose model is there is kept, any other fold is trained
+again from scratch (``worker.finished_folds``). The Tune checkpoint of each fold is a few
+bytes (the finished folds' AUCs) that keeps Tune's iteration count across retries. A trial
+trains on as many threads as its CPU resources allow.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from typing import Any
 
 from breastfusion import runs
 from breastfusion.config import Config
-from breastfusion.distributed.objective import FOLD_DONE, FoldOutcome, FoldReporter, fold_summary
+from breastfusion.distributed.objective import (
+    FOLD_DONE,
+    FoldOutcome,
+    FoldReporter,
+    fold_summary,
+    portable_hash,
+)
 from breastfusion.distributed.worker import (
     FAULT_ENV,
     TrialSetup,
@@ -44,7 +51,7 @@ def run_trial(params: dict[str, Any], *, setup: TrialSetup) -> None:
     ctx = tune.get_context()
     name = ctx.get_trial_name()
     trial = runs.SearchDir(Path(setup.out)).trial(name)
-    hashes = {k: fold_config(cfg, k).config_hash() for k in setup.folds}
+    hashes = {k: portable_hash(fold_config(cfg, k).to_dict()) for k in setup.folds}
     done = finished_folds(trial, setup.folds, hashes)
     if setup.fold_parallel:
         from breastfusion.distributed.fold_parallel import run_folds_at_once
