@@ -125,3 +125,44 @@ def test_cli_help_shows_the_settings_defaults() -> None:
     assert "roi.crop.margin" in text and "[default: 0.1]" in text
     text = CliRunner().invoke(roi_group, ["train", "--help"]).output
     assert "roi.train.epochs [default: 300]" in text
+
+
+def _outside_manifest(tmp_path):
+    """A manifest whose image paths leave its folder (``../cohort/img/...``)."""
+    import pandas as pd
+
+    from test_roi import write_cohort
+
+    source = write_cohort(tmp_path / "cohort", n_patients=4, us_per_patient=1)
+    df = pd.read_csv(source)
+    df["path"] = "../cohort/" + df["path"]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    df.to_csv(lists / "manifest.csv", index=False)
+    return lists / "manifest.csv"
+
+
+def test_cli_allow_outside_reaches_the_manifest(tmp_path, capsys) -> None:
+    from breastfusion.cli import main
+    from breastfusion.data.manifest import load_manifest
+
+    manifest = _outside_manifest(tmp_path)
+    for cmd in ("crop", "train"):
+        extra = ["--use-boxes"] if cmd == "crop" else ["--splits", str(tmp_path / "none.json")]
+        argv = ["roi", cmd, "--manifest", str(manifest), *extra]
+        code = main([*argv, "--out", str(tmp_path / f"{cmd}1")])
+        err = capsys.readouterr().err
+        assert code == 2 and "leaves the manifest's folder" in err, err
+        assert "data.allow_outside (--allow-outside)" in err and "Traceback" not in err
+        assert not (tmp_path / f"{cmd}1").exists()
+
+    code = main(["roi", "train", "--manifest", str(manifest), "--allow-outside",
+                 "--splits", str(tmp_path / "none.json"), "--out", str(tmp_path / "train2")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "splits file not found" in err, err  # the manifest was accepted
+
+    out = tmp_path / "crop2"
+    code = main(["roi", "crop", "--manifest", str(manifest), "--use-boxes", "--allow-outside",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert len(load_manifest(out / "manifest.csv")) == 8  # the crops live inside the folder

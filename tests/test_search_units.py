@@ -359,47 +359,67 @@ def test_progress_lines_say_index_folds_best_and_eta(tmp_path):
 # -- resuming a moved search ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def partial_search(tmp_path, monkeypatch):
-    """A cohort and a search folder side by side in ``tmp_path/a``, as a study keeps them; the
-    search's Tune run is a stand-in (everything before it is real: checks, claim, fingerprint)."""
+SPACE = {
+    "name": "moved",
+    "algorithm": "random",
+    "num_samples": 1,
+    "scheduler": "none",
+    "fixed": {"data.modality": "fusion"},
+    "space": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+}
+
+
+def _cohort_with_splits(root: Path, outside: bool = False) -> tuple[Path, Path]:
+    """A tiny synthetic cohort under ``root`` and its splits; ``outside``: the manifest lives
+    in ``root/lists`` and reaches the images through ``..``."""
+    import pandas as pd
+
     from breastfusion.data.manifest import load_manifest
     from breastfusion.data.splits import make_splits, write_splits
     from breastfusion.data.synthetic import generate_cohort
-    from breastfusion.distributed import search as S
     from breastfusion.io import sha256_file
 
-    root = tmp_path / "a"
     manifest = generate_cohort(root / "cohort", n_patients=20, seed=0, size=32)
-    made = make_splits(
-        load_manifest(manifest), folds=2, holdout=0.2, seed=0, manifest_sha256=sha256_file(manifest)
-    )
-    splits = write_splits(made, root / "splits.json")
+    if outside:
+        df = pd.read_csv(manifest)
+        df["path"] = "../cohort/" + df["path"]
+        (root / "lists").mkdir()
+        manifest = root / "lists" / "manifest.csv"
+        df.to_csv(manifest, index=False)
+    frame = load_manifest(manifest, allow_outside=outside)
+    made = make_splits(frame, folds=2, holdout=0.2, seed=0, manifest_sha256=sha256_file(manifest))
+    return manifest, write_splits(made, root / "splits.json")
+
+
+@pytest.fixture
+def no_tune(monkeypatch) -> list:
+    """The search's Tune run is a stand-in that returns its plan; everything before it is
+    real (checks, claim, fingerprint, experiment.json)."""
+    from breastfusion.distributed import search as S
+
     ran: list = []
     monkeypatch.setattr(S, "_run_tune", lambda plan: ran.append(plan) or plan)
-    space = parse_space(
-        {
-            "name": "moved",
-            "algorithm": "random",
-            "num_samples": 1,
-            "scheduler": "none",
-            "fixed": {"data.modality": "fusion"},
-            "space": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
-        }
-    )
+    return ran
+
+
+@pytest.fixture
+def partial_search(tmp_path, no_tune):
+    """A cohort and a search folder side by side in ``tmp_path/a``, as a study keeps them."""
+    from breastfusion.distributed.search import search
+
+    root = tmp_path / "a"
+    manifest, splits = _cohort_with_splits(root)
+    space = parse_space(SPACE)
 
     def run(where: Path, resume: bool):
-        return S.search(
-            space,
-            where / "cohort" / manifest.name,
-            where / splits.name,
-            where / "search",
-            resume=resume,
-            echo=lambda line: None,
+        manifest_there = where / "cohort" / manifest.name
+        out = where / "search"
+        return search(
+            space, manifest_there, where / splits.name, out, resume=resume, echo=lambda _: None
         )
 
     run(root, resume=False)
-    return SimpleNamespace(root=root, run=run, ran=ran)
+    return SimpleNamespace(root=root, run=run, ran=no_tune)
 
 
 def test_a_moved_search_resumes_and_changed_data_is_refused(partial_search, tmp_path):
@@ -439,3 +459,38 @@ def test_a_search_fingerprinted_with_its_paths_still_resumes_in_place(partial_se
     resumed = partial_search.run(root, resume=True)
     assert resumed.fingerprint == plan.fingerprint != earlier
     assert json.loads(path.read_text())["fingerprint"] == plan.fingerprint
+
+
+def test_search_reads_a_manifest_outside_its_folder_only_when_allowed(
+    tmp_path, no_tune, capsys, monkeypatch
+):
+    from breastfusion.cli import main
+    from breastfusion.distributed import search as S
+    from breastfusion.distributed.search import SearchSummary, search
+    from breastfusion.errors import UserError
+
+    manifest, splits = _cohort_with_splits(tmp_path, outside=True)
+    space = parse_space(SPACE)
+    with pytest.raises(UserError) as info:
+        search(space, manifest, splits, tmp_path / "s1", echo=lambda _: None)
+    assert "leaves the manifest's folder" in str(info.value)
+    assert "set data.allow_outside" in str(info.value)
+    assert not (tmp_path / "s1").exists()
+
+    allowed = Config().with_overrides({"data.allow_outside": True})
+    plan = search(space, manifest, splits, tmp_path / "s2", base=allowed, echo=lambda _: None)
+    assert plan.base.data.allow_outside  # every trial's load_cohort gets it
+    assert "--allow-outside --resume" in plan.resume_command
+
+    # The command: the flag reaches the search, and the refusal names the flag.
+    (tmp_path / "space.yaml").write_text(json.dumps(SPACE))
+    argv = ["search", "--space", str(tmp_path / "space.yaml"), "--manifest", str(manifest)]
+    argv += ["--splits", str(splits)]
+    assert main([*argv, "--out", str(tmp_path / "s3")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --allow-outside to permit it" in err and "Traceback" not in err
+    table = pd.DataFrame({"trial": ["t0"], "mean_auc": [0.5]})
+    finished = SearchSummary(tmp_path / "s4", table, {})
+    monkeypatch.setattr(S, "_run_tune", lambda plan: no_tune.append(plan) or finished)
+    assert main([*argv, "--out", str(tmp_path / "s4"), "--allow-outside"]) == 0
+    assert no_tune[-1].base.data.allow_outside

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from breastfusion.errors import UserError
+
 
 @click.command("search")
 @click.option(
@@ -18,6 +20,12 @@ import click
 @click.option("--manifest", required=True, type=click.Path(path_type=Path))
 @click.option("--splits", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Experiment folder.")
+@click.option(
+    "--allow-outside",
+    is_flag=True,
+    help="Accept image paths outside the manifest's folder ('..', absolute paths, symbolic "
+    "links leading elsewhere): the config key data.allow_outside, for every trial.",
+)
 @click.option("--resume", is_flag=True, help="Continue the interrupted search in --out.")
 @click.option(
     "--debug",
@@ -35,6 +43,7 @@ def search_command(
     manifest: Path,
     splits: Path,
     out: Path,
+    allow_outside: bool,
     resume: bool,
     debug: bool,
     mlflow_uri: str | None,
@@ -45,19 +54,33 @@ def search_command(
     second interrupt aborts at once); continue with the same command plus --resume.
     """
     from breastfusion import runs
+    from breastfusion.config import Config
     from breastfusion.distributed.search import search
 
-    summary = search(
-        space_path,
-        manifest,
-        splits,
-        out,
-        resume=resume,
-        debug=debug,
-        echo=click.echo,
-        mlflow_uri=mlflow_uri,
-    )
+    try:
+        summary = search(
+            space_path,
+            manifest,
+            splits,
+            out,
+            resume=resume,
+            debug=debug,
+            base=Config().with_overrides({"data.allow_outside": True}) if allow_outside else None,
+            echo=click.echo,
+            mlflow_uri=mlflow_uri,
+        )
+    except UserError as exc:
+        _name_flags(exc)
+        raise
     cols = ["trial", "mean_auc", "std_auc", "folds_done", "status", "degenerate"]
     click.echo(summary.trials[[c for c in cols if c in summary.trials]].to_string(index=False))
     folder = runs.SearchDir(summary.out)
     click.echo(f"wrote {folder.trials_path} and {folder.best_path}")
+
+
+def _name_flags(exc: UserError) -> None:
+    """The manifest's refusal names the config key; this command has a flag for it."""
+    key, flag = "set data.allow_outside", "pass --allow-outside"
+    exc.message = exc.message.replace(key, flag)
+    exc.details = [d.replace(key, flag) for d in exc.details]
+    exc.args = (exc.message,)

@@ -21,10 +21,17 @@ from breastfusion.errors import UserError
 
 
 def resume_command_for(
-    space: Path | None, manifest: Path, splits: Path, out: Path, debug: bool
+    space: Path | None,
+    manifest: Path,
+    splits: Path,
+    out: Path,
+    debug: bool,
+    *,
+    allow_outside: bool = False,
 ) -> str:
     parts = ["breastfusion", "search", "--space", str(space or "SPACE.yaml")]
     parts += ["--manifest", str(manifest), "--splits", str(splits), "--out", str(out)]
+    parts += ["--allow-outside"] if allow_outside else []
     parts += ["--resume", *(["--debug"] if debug else [])]
     return " ".join(shlex.quote(p) for p in parts)
 

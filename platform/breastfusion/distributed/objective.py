@@ -40,8 +40,9 @@ def is_number(v: Any) -> bool:
 
 # Where the data lives is no part of a configuration's identity inside a search: the search's
 # fingerprint checks the manifest's and splits' content (sha256), and a search folder moved
-# with its data (``mv STUDY ELSEWHERE``) must still recognise its finished folds.
-DATA_LOCATIONS = ("manifest", "splits", "cache_dir")
+# with its data (``mv STUDY ELSEWHERE``) must still recognise its finished folds. Whether
+# image paths may leave the manifest's folder (``allow_outside``) changes no result either.
+DATA_LOCATIONS = ("manifest", "splits", "cache_dir", "allow_outside")
 
 
 def portable_hash(config: Mapping[str, Any]) -> str:

@@ -98,50 +98,26 @@ def search(
 ) -> SearchSummary:
     """Run (or resume) a search; every input problem is raised before any trial starts.
 
-    ``space`` is a validated ``SearchSpace`` or the path of its YAML file. ``mlflow_uri``: also
-    track the search in MLflow (see ``tracking``). ``resume_command``: what to print after an
-    interrupt (default: this search's ``breastfusion search … --resume``).
+    ``space`` is a validated ``SearchSpace`` or the path of its YAML file. ``base``: the fixed
+    configuration under the space's values (its ``data.allow_outside`` also governs reading
+    the manifest here). ``mlflow_uri``: also track the search in MLflow (see ``tracking``).
+    ``resume_command``: what to print after an interrupt (default: this search's
+    ``breastfusion search … --resume``).
     """
-    from breastfusion.data.manifest import load_manifest
-    from breastfusion.data.splits import load_splits
-
     space_path = None if isinstance(space, SearchSpace) else Path(space)
     if not isinstance(space, SearchSpace):
         space = load_space(space)
     if debug:
         space = space.for_debug()
     manifest, splits, out = Path(manifest).resolve(), Path(splits).resolve(), Path(out).resolve()
-    df = load_manifest(manifest)
-    split_set = load_splits(splits, df)
-    expected = space.source.get("folds")
-    if expected is not None and int(expected) != split_set.k:
-        raise ConfigError(
-            f"the search space asks for {expected} folds but {splits} holds {split_set.k}"
-        )
-    if folds is None:
-        folds = [0] if debug else list(range(split_set.k))
-    bad = [k for k in folds if not 0 <= k < split_set.k]
-    if bad:
-        raise ConfigError(f"fold {bad[0]} is out of range for {splits} (0..{split_set.k - 1})")
     base_cfg = space.base_config(base).with_overrides(
         {"data.manifest": str(manifest), "data.splits": str(splits)}
     )
-    # The data by content, the configuration without the data's location: a search folder
-    # moved with its data (``mv STUDY ELSEWHERE``) resumes; changed data is refused.
-    experiment = {
-        "space": space.source,
-        "space_name": space.name,
-        "debug": debug,
-        "folds": folds,
-        "manifest_sha256": sha256_file(manifest),
-        "splits_sha256": sha256_file(splits),
-        "base_config_hash": portable_hash(base_cfg.to_dict()),
-    }
-    fingerprint = sha256_json(experiment)
-    # What searches started before that recorded (the absolute paths hashed in): they resume
-    # where they are.
-    earlier = sha256_json({**experiment, "base_config_hash": base_cfg.config_hash()})
-    command = resume_command or resume_command_for(space_path, manifest, splits, out, debug)
+    df, split_set, folds = _check_data(space, base_cfg, folds, debug)
+    experiment, fingerprint, earlier = _describe(space, base_cfg, folds, debug)
+    command = resume_command or resume_command_for(
+        space_path, manifest, splits, out, debug, allow_outside=base_cfg.data.allow_outside
+    )
     plan = _Plan(
         space, base_cfg, list(folds), out, fingerprint, resume, debug, echo, command, mlflow_uri
     )
@@ -166,6 +142,50 @@ def search(
         for line in cohort_facts(df, split_set, base_cfg, folds):
             echo(line)
         return _run_tune(plan)
+
+
+def _check_data(
+    space: SearchSpace, cfg: Config, folds: list[int] | None, debug: bool
+) -> tuple[pd.DataFrame, Any, list[int]]:
+    """The manifest and splits (leakage-checked) and the folds to run, or a clear error."""
+    from breastfusion.data.manifest import load_manifest
+    from breastfusion.data.splits import load_splits
+
+    splits = cfg.data.splits
+    df = load_manifest(str(cfg.data.manifest), allow_outside=cfg.data.allow_outside)
+    split_set = load_splits(str(splits), df)
+    expected = space.source.get("folds")
+    if expected is not None and int(expected) != split_set.k:
+        raise ConfigError(
+            f"the search space asks for {expected} folds but {splits} holds {split_set.k}"
+        )
+    if folds is None:
+        folds = [0] if debug else list(range(split_set.k))
+    bad = [k for k in folds if not 0 <= k < split_set.k]
+    if bad:
+        raise ConfigError(f"fold {bad[0]} is out of range for {splits} (0..{split_set.k - 1})")
+    return df, split_set, list(folds)
+
+
+def _describe(
+    space: SearchSpace, cfg: Config, folds: list[int], debug: bool
+) -> tuple[dict[str, Any], str, str]:
+    """``experiment.json``'s description, its fingerprint, and the fingerprint searches
+    started before it left the data's paths out gave the same search (they resume in place).
+
+    The data count by content, the configuration without the data's location: a search
+    folder moved with its data (``mv STUDY ELSEWHERE``) resumes; changed data is refused."""
+    experiment = {
+        "space": space.source,
+        "space_name": space.name,
+        "debug": debug,
+        "folds": folds,
+        "manifest_sha256": sha256_file(str(cfg.data.manifest)),
+        "splits_sha256": sha256_file(str(cfg.data.splits)),
+        "base_config_hash": portable_hash(cfg.to_dict()),
+    }
+    earlier = sha256_json({**experiment, "base_config_hash": cfg.config_hash()})
+    return experiment, sha256_json(experiment), earlier
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ TRAIN_FLAGS = {
     "roi.train.seed": "--seed",
     "roi.train.val_fraction": "--val-fraction",
     "roi.train.patience": "--patience",
+    "data.allow_outside": "--allow-outside",
 }
 CROP_FLAGS = {
     "roi.crop.margin": "--margin",
@@ -36,6 +37,7 @@ CROP_FLAGS = {
     "roi.train.imgsz": "--imgsz",
     "detector weights": "--weights",
     "crop batch size": "--batch",
+    "data.allow_outside": "--allow-outside",
 }
 
 
@@ -67,6 +69,12 @@ def roi_group() -> None:
 
 _T = DetectorTrainSettings()
 _C = CropSettings()
+_allow_outside = click.option(
+    "--allow-outside",
+    is_flag=True,
+    help="Accept image paths outside the manifest's folder ('..', absolute paths, symbolic "
+    "links leading elsewhere); the study key is data.allow_outside.",
+)
 
 
 @roi_group.command("train")
@@ -96,8 +104,15 @@ _C = CropSettings()
 @click.option("--patience", type=int, help=f"roi.train.patience [default: {_T.patience}]")
 @click.option("--device", default=None, help="'cpu', '0', '0,1' … (default: GPU if available).")
 @click.option("--plots/--no-plots", default=False, show_default=True)
+@_allow_outside
 def train_command(
-    manifest: str, splits: str | None, out: str, device: str | None, plots: bool, **flags: Any
+    manifest: str,
+    splits: str | None,
+    out: str,
+    device: str | None,
+    plots: bool,
+    allow_outside: bool,
+    **flags: Any,
 ) -> None:
     """Train the lesion detector on development patients' US boxes.
 
@@ -112,7 +127,7 @@ def train_command(
 
     with flags_named(TRAIN_FLAGS):
         settings = DetectorTrainSettings.from_dict(_given(**flags))
-        df = load_manifest(manifest)
+        df = load_manifest(manifest, allow_outside=allow_outside)
         holdout = None
         source = {"manifest": manifest}
         if splits:
@@ -186,6 +201,7 @@ def _num(value: float | None) -> str:
 @click.option("--imgsz", default=None, type=int, help="Detection size (default: training size).")
 @click.option("--batch", default=16, show_default=True, type=int)
 @click.option("--device", default=None)
+@_allow_outside
 def crop_command(
     manifest: str,
     weights: str | None,
@@ -195,6 +211,7 @@ def crop_command(
     imgsz: int | None,
     batch: int,
     device: str | None,
+    allow_outside: bool,
     **flags: Any,
 ) -> None:
     """Detect the lesion on each US image, crop it with a margin, write OUT/manifest.csv.
@@ -205,7 +222,9 @@ def crop_command(
     and the IoU against manifest boxes; a no-detection share above 20% is warned about.
     """
     with flags_named(CROP_FLAGS):
-        result = _crop(manifest, weights, out, use_boxes, splits, imgsz, batch, device, flags)
+        result = _crop(
+            manifest, weights, out, use_boxes, splits, imgsz, batch, device, allow_outside, flags
+        )
     for line in result.summary.lines():
         click.echo(line)
     click.echo(f"wrote {result.manifest}, {result.crops_csv.name}, {result.summary_json.name}")
@@ -220,6 +239,7 @@ def _crop(
     imgsz: int | None,
     batch: int,
     device: str | None,
+    allow_outside: bool,
     flags: dict[str, Any],
 ) -> Any:
     import tempfile
@@ -228,7 +248,7 @@ def _crop(
     from breastfusion.roi.crop import crop_manifest
 
     settings = CropSettings.from_dict(_given(**flags))
-    df = load_manifest(manifest)
+    df = load_manifest(manifest, allow_outside=allow_outside)
     holdout = None
     if splits:
         from breastfusion.data.splits import load_splits
