@@ -9,19 +9,25 @@ synthetic cohort with a budget two CPU cores can afford, and prints the holdout 
 2. **US ROI**: the manifest's lesion boxes stand in for the YOLOv8 detector
    (``crop_manifest(..., use_boxes=True)``): the study's detector reaches mAP50 0.94, and
    training one on two cores would eat the whole budget. The crops are what the study feeds
-   its US branch; the DM rows are copied, so one manifest serves all three models.
+   its US branch; the DM rows are hard-linked beside them, so one manifest serves all three
+   models (a DM file that cannot be linked keeps its absolute path, hence
+   ``data.allow_outside`` for this manifest: it is this script's own output).
 3. **Splits**: patient-level, stratified 8:2 development/holdout (``make_splits``; the folds
    it also writes are unused: no hyperparameter search, the study's fixed configuration).
 4. **Three models**, each refit on *all* development patients and scored once on the
-   untouched holdout (``final_model(mode="refit")``): DM only (ResNet-18, whole mammogram),
+   untouched holdout (``breastfusion.final.final_model``, ``final.mode: refit``, no ONNX
+   export, no Grad-CAM): DM only (ResNet-18, whole mammogram),
    US only (ResNet-18, lesion crop) and DM+US (two ResNet-18 branches, pooled features summed,
    every US x DM pair of a patient, pair scores averaged per patient). From scratch (offline),
    Adam, malignant oversampling, the study's flips + elastic augmentation.
-5. **Evaluation** (``evaluate_predictions``): every model on the holdout patients *all three*
-   scored (patients with a single modality drop out of the comparison), AUC with a stratified
-   bootstrap CI, Wilson CIs for the threshold metrics (threshold 0.5 on the softmax; training
-   is class-balanced, so 0.5 is the balanced operating point), and paired DeLong tests of the
-   fusion against each single modality on the same patients.
+5. **Evaluation** (``breastfusion.evaluate.holdout.evaluate_predictions``): every model on
+   the holdout patients *all three* scored (patients with a single modality drop out of the
+   comparison), AUC with a stratified bootstrap CI, Wilson CIs for the threshold metrics, and
+   paired DeLong tests of the fusion against each single modality on the same patients.
+   Scores are malignant log-odds (``y_score``), never probabilities; without cross-validation
+   folds there is no fold calibration to transfer, so they are the refit model's raw
+   log-odds, and the threshold is 0 (probability 0.5; training is class-balanced, so that is
+   the balanced operating point).
 
 Diagnostics printed under the table (they explain a result, they do not change it): the AUC
 an *oracle* would reach on the same holdout patients from each modality's latent suspicion
@@ -30,11 +36,14 @@ mode (malignant patients whose evidence shows in DM only / US only / both, again
 benign patients): fusion should win where one modality is silent.
 
 Every stage is cached under ``--out`` (cohort, crops, splits, preprocessing cache, each
-model's export keyed by its config hash), so a second run with the same settings only
-re-evaluates; change ``--epochs`` or ``--size`` and only the models re-train.
+model's ``final`` folder keyed by its config hash and reused once its ``final.json`` is
+there), so a second run with the same settings only re-evaluates; change ``--epochs`` or
+``--size`` and only the models re-train.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/replicate_study.py            # 790 patients
     .venv/bin/python benchmarks/replicate_study.py --patients 300 --epochs 2    # a quick try
+    .venv/bin/python benchmarks/replicate_study.py --patients 60 --epochs 1 --size 32 \
+        --source-size 64 --bootstrap 200 --out /tmp/bf-replicate-smoke    # plumbing, ~20 s
 
 Budget (2 shared CPU cores, 64 px, 10 epochs / 5 for the fusion): ~13 minutes, most of it
 the fusion (every US x DM pair: ~3,200 pairs per epoch). When other jobs share the two cores,
@@ -124,7 +133,8 @@ def roi_crops(manifest: Path) -> Path:
         return cropped
     say("roi: cropping every US image to its manifest lesion box (+10 % margin)")
     result = crop_manifest(load_manifest(manifest), out, None, use_boxes=True)
-    say(f"roi: {result.counts}")
+    for line in result.summary.lines():
+        say(f"roi: {line}")
     return result.manifest
 
 
@@ -136,7 +146,7 @@ def splits(manifest: Path, seed: int) -> Path:
 
     path = manifest.parent / f"splits_s{seed}.json"
     if not path.is_file():
-        df = load_manifest(manifest)
+        df = load_manifest(manifest, allow_outside=True)  # see the module doc, step 2
         write_splits(
             make_splits(df, folds=5, holdout=0.2, seed=seed, manifest_sha256=sha256_file(manifest)),
             path,
@@ -164,6 +174,7 @@ def model_config(s: Settings, modality: str, manifest: Path, split_path: Path) -
             "data.size_dm": s.size,
             "data.size_us": s.size,
             "data.cache_dir": str(s.out / "cache"),
+            "data.allow_outside": True,  # the crop folder's DM files, see the module doc
             "model.backbone_dm": "resnet18",
             "model.backbone_us": "resnet18",
             "model.fusion": "sum",
@@ -179,34 +190,38 @@ def model_config(s: Settings, modality: str, manifest: Path, split_path: Path) -
 
 
 def train_and_score(s: Settings, modality: str, manifest: Path, split_path: Path) -> pd.DataFrame:
-    """Refit one model on all development patients and score the holdout once (cached)."""
+    """Refit one model on all development patients and score the holdout once (cached: a
+    model folder with its ``final.json`` is reused)."""
     from breastfusion.final import final_model
+    from breastfusion.final.choice import Choice
+    from breastfusion.final.run import DONE_FILE
 
     cfg = model_config(s, modality, manifest, split_path)
     epochs = cfg.optim.epochs
     out = s.out / "models" / f"{modality}_{cfg.config_hash()[:12]}"
     preds = out / "predictions_holdout.csv"
-    if preds.is_file() and (out / "metadata.json").is_file():
+    if preds.is_file() and (out / DONE_FILE).is_file():
         say(f"{MODELS[modality]}: reusing {out}")
     else:
         t = time.perf_counter()
-        say(f"{MODELS[modality]}: refit ({epochs} epochs, {s.size} px) → {out}")
+        say(f"{MODELS[modality]}: refit ({epochs} epochs, {s.size} px) -> {out}")
         final_model(
-            cfg,
-            None,
-            None,
+            Choice(config=cfg.to_dict(), source="replicate_study"),
             out,
-            mode="refit",
-            epochs=epochs,
-            gradcam_per_category=0,
-            n_boot=200,  # the export's own metrics; the table below uses --bootstrap
-            seed=s.seed,
-            device="cpu",
+            settings={
+                "mode": "refit",
+                "epochs": epochs,
+                "gradcam_per_category": 0,
+                "bootstrap": 200,  # the model's own metrics.json; the table uses --bootstrap
+                "seed": s.seed,
+                "device": "cpu",
+                "onnx": False,
+            },
             progress=say,
         )
         say(f"{MODELS[modality]}: done in {time.perf_counter() - t:.0f} s")
     df = pd.read_csv(preds, dtype={"patient_id": str})
-    return df.assign(model=MODELS[modality])
+    return df.assign(model=MODELS[modality])[["model", "patient_id", "y_true", "y_score"]]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     s = parse(argv)
     import torch
 
-    from breastfusion.evaluate.cli import evaluate_predictions
+    from breastfusion.evaluate.holdout import evaluate_predictions
 
     s.out.mkdir(parents=True, exist_ok=True)
     say(
@@ -350,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         [train_and_score(s, m, cropped, split_path) for m in MODELS], ignore_index=True
     )
     result, scores = evaluate_predictions(
-        preds[["model", "patient_id", "y_true", "y_score"]],
-        threshold=0.5,
+        preds,
+        threshold=0.0,  # log-odds 0 = probability 0.5
         n_boot=s.bootstrap,
         seed=s.seed,
         source="holdout predictions",
+        score_scale="logit",  # malignant log-odds, whatever range they happen to span
     )
     print()
     print(f"Holdout Table 3 ({result['n_patients_shared']} patients scored by all three models)")
