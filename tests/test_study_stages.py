@@ -106,7 +106,9 @@ def _copy_across_patients(ctx: StageContext) -> tuple[str, str]:
 
 
 def test_splits_stage_refuses_near_duplicates_across_patients_when_asked(tmp_path):
-    ctx, lines = _context(tmp_path, splits={"folds": 2, "holdout": 0.2, "near_duplicates": "refuse"})
+    ctx, lines = _context(
+        tmp_path, splits={"folds": 2, "holdout": 0.2, "near_duplicates": "refuse"}
+    )
     _run(ctx, "01_data", study_stages.data_stage)
     clean = _run(ctx, "02_splits", study_stages.splits_stage)
     assert Path(clean["splits"]).is_file()
