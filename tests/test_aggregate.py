@@ -399,6 +399,25 @@ def test_fold_scale_artefact(tmp_path: Path) -> None:
     assert c.difference == pytest.approx(0.0, abs=1e-12) and c.p_value == 1.0
 
 
+def test_within_fold_concordance_uses_the_raw_ranking() -> None:
+    """A fold whose calibrated scores are constant (Platt slope 0) keeps its raw ranking in the
+    headline fold-stratified AUC and the paired test; only pooled figures use calibrated ones."""
+    from breastfusion.evaluate.cv import ranking_scores
+
+    oof = pd.DataFrame(
+        {
+            "fold": [0, 0, 0, 0, 1, 1, 1, 1],
+            "y_true": [0, 0, 1, 1, 0, 0, 1, 1],
+            "y_score": [-1.0, -0.5, 0.5, 1.0, -0.3, -0.3, -0.3, -0.3],
+            "y_score_raw": [-1.0, -0.5, 0.5, 1.0, 2.0, 1.0, -1.0, -2.0],
+        }
+    )
+    assert list(ranking_scores(oof)) == list(oof["y_score_raw"])
+    assert list(ranking_scores(oof.drop(columns="y_score_raw"))) == list(oof["y_score"])
+    merged = oof.add_suffix("_a")
+    assert list(ranking_scores(merged, "_a")) == list(oof["y_score_raw"])
+
+
 def test_not_a_search_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"empty is not a breastfusion search folder"):

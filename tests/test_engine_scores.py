@@ -95,6 +95,30 @@ def test_a_constant_model_is_flagged_degenerate():
     assert fold_metrics(pred, cfg, Fit(), {})["degenerate"] is False
 
 
+def test_a_reversed_fold_reports_its_own_ranking_not_a_flat_half():
+    """Platt with a slope of 0 makes the calibrated scores constant; the fold's AUC must still
+    be the model's ranking (here reversed: 0.0), never a tabulated 0.500."""
+    pred = pd.DataFrame(
+        {
+            "patient_id": list("abcdef"),
+            "y_true": [0, 0, 0, 1, 1, 1],
+            "y_score_raw": [3, 2, 1, 0, -1, -2],
+        }
+    )
+    pred["y_score"] = -0.7  # what a slope-0 calibration gives every patient
+    pred.attrs["calibration"] = Calibration(0.0, -0.7, note="no positive association")
+    cfg = Config()
+
+    class Fit:
+        best_epoch = epochs_run = 1
+        stop_reason = "completed"
+
+    m = fold_metrics(pred, cfg, Fit(), {})
+    assert m["auc"] == 0.0
+    pred["y_score_raw"] = [-2, -1, 0, 1, 2, 3]
+    assert fold_metrics(pred, cfg, Fit(), {})["auc"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def cohort(synthetic_cohort, tmp_path_factory):
     df = load_manifest(synthetic_cohort)

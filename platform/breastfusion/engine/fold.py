@@ -230,12 +230,15 @@ def fold_metrics(
     """Patient-level validation metrics at ``train.threshold`` (a probability, applied to the
     calibrated log-odds) plus the calibration, the degenerate check and run facts."""
     from breastfusion.evaluate.calibration import Calibration, logit
-    from breastfusion.evaluate.metrics import binary_metrics, degenerate_reason
+    from breastfusion.evaluate.metrics import binary_metrics, degenerate_reason, roc_auc
 
     y = predictions["y_true"].to_numpy()
     raw = predictions["y_score_raw"].to_numpy()
     threshold = logit(cfg.train.threshold)
     m = binary_metrics(y, predictions["y_score"].to_numpy(), threshold=threshold).as_dict()
+    # The AUC is the model's own ranking: a fold whose calibration slope is 0 has constant
+    # calibrated scores, which would report any ranking (even a reversed one) as exactly 0.5.
+    m["auc"] = roc_auc(y, raw) if len(np.unique(y)) == 2 else math.nan
     reason = degenerate_reason(raw)
     cal: Calibration = predictions.attrs["calibration"]
     m.update(

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from breastfusion.evaluate import metrics as M
@@ -79,6 +80,16 @@ def fold_threshold(
     return thr, f"default for {scale} scores ({thr:g} = probability 0.5)"
 
 
+def ranking_scores(df: pd.DataFrame, suffix: str = "") -> np.ndarray:
+    """The scores a within-fold concordance is counted on: the model's raw log-odds when the
+    predictions carry them. Calibration is monotone, but a fold whose Platt slope is 0 (no
+    positive association on its patients) has constant calibrated scores, which would turn
+    its ranking -- good, bad or reversed -- into an AUC of exactly 0.5."""
+    raw = f"y_score_raw{suffix}"
+    column = raw if raw in df.columns and df[raw].notna().all() else f"y_score{suffix}"
+    return df[column].to_numpy(dtype=float)
+
+
 def cv_summary(
     oof: pd.DataFrame,
     recorded_thresholds: Sequence[Any],
@@ -89,14 +100,15 @@ def cv_summary(
     """The configuration's CV numbers from its per-patient OOF scores (see the module doc)."""
     y = oof["y_true"].to_numpy()
     s = oof["y_score"].to_numpy(dtype=float)
+    rank = ranking_scores(oof)
     folds = oof["fold"].to_numpy()
     if y.min() == y.max():
         warnings.append(f"{source}: only one class among {len(y)} patients; no CV AUC")
         return None
     scale = SC.resolve_scale(settings.score_scale, s)
     thr, thr_source = fold_threshold(recorded_thresholds, settings, scale)
-    strat = S.stratified_delong(y, s, folds)
-    ci = S.stratified_auc_ci(y, s, folds, LEVEL)
+    strat = S.stratified_delong(y, rank, folds)
+    ci = S.stratified_auc_ci(y, rank, folds, LEVEL)
     boot = S.bootstrap_auc(y, s, n_boot=settings.bootstrap, seed=settings.seed)
     lo, hi = S.percentile_ci(boot, LEVEL)
     bm = M.binary_metrics(y, s, thr)
@@ -138,7 +150,10 @@ def compare(label_a: str, a: TrialResult, label_b: str, b: TrialResult) -> Compa
         if len(same) < 3:
             raise ValueError("fewer than 3 shared patients")
         t = S.stratified_delong_test(
-            y, same["y_score_a"].to_numpy(), same["y_score_b"].to_numpy(), same["fold_a"].to_numpy()
+            y,
+            ranking_scores(same, "_a"),
+            ranking_scores(same, "_b"),
+            same["fold_a"].to_numpy(),
         )
     except ValueError as exc:
         notes.append(f"no test: {exc}")
