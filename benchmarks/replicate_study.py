@@ -1,10 +1,11 @@
 """The scientific check: does the study's fusion model beat both single modalities here?
 
-Runs Chen et al.'s (2025) comparison (``STUDY.md``, Table 3) end to end on the built-in
-synthetic cohort with a budget two CPU cores can afford, and prints the holdout table:
+Runs Chen et al.'s (Sci Rep 2025) comparison (their Table 3: DM only, US only and DM+US on a
+holdout) end to end on the built-in synthetic cohort with a budget two CPU cores can afford,
+and prints the holdout table:
 
 1. **Cohort**: ``generate_cohort`` (default 790 patients, seed 0, 256 px sources). Its
-   generator *designs* the DM/US complementarity (``data/synthetic.py``), so this is the test
+   generator *designs* the DM/US complementarity (``breastfusion.data.synthetic``), so this is the test
    that the platform can find a signal that is known to be there.
 2. **US ROI**: the manifest's lesion boxes stand in for the YOLOv8 detector
    (``crop_manifest(..., use_boxes=True)``): the study's detector reaches mAP50 0.94, and

@@ -5,7 +5,7 @@ one tensor, so a two-input fusion model is wrapped: :class:`BranchInput` feeds t
 explained from pytorch-grad-cam's tensor and holds the other branch's input fixed. One
 ``GradCAM`` per branch, with ``model.gradcam_target_layer(branch)`` as its only target layer:
 putting both branches' layers into one ``GradCAM`` would average them into a single map,
-which is not a map per modality (see ENVIRONMENT.md). Holding the other input fixed (rather
+which is not a map per modality (checked with pytorch-grad-cam 1.5). Holding the other input fixed (rather
 than concatenating both inputs on channels) also lets DM and US have different sizes.
 
 The explained output is the malignant logit (class 1): Grad-CAM then shows what pushes the

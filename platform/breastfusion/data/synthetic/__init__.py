@@ -1,7 +1,7 @@
 """The synthetic paired cohort: the embedded default data set for ``make demo`` and the tests.
 
 There is no public paired DM + US data set, so the platform ships a generator whose cohort
-looks like the study's (Chen et al. 2025; see ``STUDY.md``) in the ways that matter to the
+looks like the study's (Chen et al., Sci Rep 2025: 790 patients, 205 malignant) in the ways that matter to the
 pipeline: patients with several mammograms (DM) and ultrasound images (US), a patient-level
 benign/malignant label, US lesion boxes for the ROI detector, mixed file formats and sizes,
 and -- most important -- *designed complementarity*, so that each modality alone is imperfect
