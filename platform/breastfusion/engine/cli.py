@@ -95,7 +95,11 @@ def resolve_config(config_file: str | None, sets: Sequence[str], **flags: Any) -
 @click.option("--epochs", type=int, help="[200]")
 @click.option("--batch-size", type=int, help="[8]")
 @click.option("--lr", type=float, help="Learning rate (Adam). [1e-4]")
-@click.option("--patience", type=int, help="Early stopping on validation AUC; 0 = off. [20]")
+@click.option(
+    "--patience",
+    type=int,
+    help="Early stopping on an inner split of the training fold (never the validation fold); 0 = train every epoch and report the last. [20]",
+)
 @click.option("--seed", type=int, help="[0]")
 @click.option("--pretrained", help="none | imagenet | PATH to a state dict. [none]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]")
