@@ -212,13 +212,36 @@ def test_outputs_survive_moving_the_study_folder(cohort, tmp_path) -> None:
     assert (moved / "roi" / "crops" / summary["provenance"]["source_manifest"]).is_file()
 
 
-def test_unlinkable_dm_images_are_named_absolute_and_warned(cohort, tmp_path, monkeypatch) -> None:
+def test_unlinkable_dm_images_are_copied_so_the_folder_stays_relocatable(
+    cohort, tmp_path, monkeypatch
+) -> None:
     _, df = cohort
 
     def refuse(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", refuse)
+    result = crop_manifest(df, tmp_path / "out", None, use_boxes=True)
+    new = pd.read_csv(result.manifest)
+    dm = new[new["modality"] == "DM"]["path"]
+    assert not any(os.path.isabs(p) for p in dm)
+    folder = Path(result.manifest).parent
+    assert all((folder / p).is_file() and not (folder / p).is_symlink() for p in dm)
+    assert any("copied instead" in w for w in result.summary.warnings)
+
+
+def test_dm_images_neither_linkable_nor_copyable_keep_absolute_paths_and_warn(
+    cohort, tmp_path, monkeypatch
+) -> None:
+    import shutil
+
+    _, df = cohort
+
+    def refuse(*args, **kwargs):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "link", refuse)
+    monkeypatch.setattr(shutil, "copy2", refuse)
     result = crop_manifest(df, tmp_path / "out", None, use_boxes=True)
     new = pd.read_csv(result.manifest)
     assert all(os.path.isabs(p) for p in new[new["modality"] == "DM"]["path"])

@@ -53,7 +53,7 @@ def test_roi_stage_prints_the_crop_summary_and_its_warnings(tmp_path, monkeypatc
     def no_hard_links(src, dst, *args, **kwargs):
         raise OSError("cross-device link")
 
-    # DM files that cannot be hard-linked stay at their absolute paths: the summary warns.
+    # DM files that cannot be hard-linked are copied: the summary says so.
     monkeypatch.setattr("breastfusion.roi.crop.os.link", no_hard_links)
     lines.clear()
     outputs = _run(ctx, "03_roi", study_stages.roi_stage)
@@ -61,7 +61,7 @@ def test_roi_stage_prints_the_crop_summary_and_its_warnings(tmp_path, monkeypatc
     text = "\n".join(lines)
     assert f"US crops: {n_us} rows; detected 0, manifest box {n_us}" in text
     warnings = [line for line in lines if line.strip().startswith("warning: ")]
-    assert warnings and "relocatable" in " ".join(warnings)
+    assert warnings and "copied instead" in " ".join(warnings)
     assert "{'detected'" not in text  # not the raw counts dict
 
 

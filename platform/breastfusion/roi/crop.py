@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +251,11 @@ def _record(
     }
 
 
-def _link_dm(df: pd.DataFrame, i: int, tmp: Path, linked: dict[str, str]) -> str | None:
-    """Hard-link a DM image into ``dm/`` (relative path), or None when it cannot be linked."""
+def _link_dm(
+    df: pd.DataFrame, i: int, tmp: Path, linked: dict[str, str], copied: list[int]
+) -> str | None:
+    """Hard-link a DM image into ``dm/`` (relative path); copy it when it cannot be linked
+    (another file system: the folder must stay relocatable); None when neither works."""
     source = str(df.at[i, "abs_path"])
     if source in linked:
         return linked[source]
@@ -260,7 +264,11 @@ def _link_dm(df: pd.DataFrame, i: int, tmp: Path, linked: dict[str, str]) -> str
     try:
         os.link(source, tmp / name)
     except OSError:
-        return None
+        try:
+            shutil.copy2(source, tmp / name)
+        except OSError:
+            return None
+        copied.append(int(df.at[i, "row"]))
     linked[source] = name
     return name
 
@@ -279,11 +287,12 @@ def _rewrite_manifest(
     for col in ROI_COLUMNS:
         out[col] = pd.Series([None] * len(out), index=out.index, dtype=object)
     linked: dict[str, str] = {}
-    unlinked = []
+    unlinked: list[int] = []
+    copied: list[int] = []
     for i in out.index:
         if i in records:
             continue
-        name = _link_dm(df, int(i), tmp, linked)
+        name = _link_dm(df, int(i), tmp, linked, copied)
         if name is None:
             unlinked.append(int(df.at[i, "row"]))
             name = Path(os.path.abspath(df.at[i, "abs_path"])).as_posix()
@@ -305,10 +314,15 @@ def _rewrite_manifest(
             for col, v in zip(BOX_COLUMNS, moved or (None,) * 4, strict=True):
                 out.at[i, col] = v
     warnings = []
+    if copied:
+        warnings.append(
+            f"{len(copied)} DM image(s) could not be hard-linked into the crop folder (another "
+            f"file system; rows {_rows_text(copied)}): copied instead, so they take disk space"
+        )
     if unlinked:
         warnings.append(
-            f"{len(unlinked)} DM image(s) could not be hard-linked into the crop folder (another"
-            f" file system or no permission; rows {_rows_text(unlinked)}): the manifest names "
+            f"{len(unlinked)} DM image(s) could not be hard-linked into the crop folder (no permission"
+            f" to link or copy; rows {_rows_text(unlinked)}): the manifest names "
             "them by absolute path, so the folder is not relocatable"
         )
     return out, warnings
