@@ -633,7 +633,14 @@ def test_train_and_crop_offline_quiet_and_contained(tmp_path: Path) -> None:
     with zipfile.ZipFile(det / "weights" / "best.pt") as z:
         pickled = b"".join(z.read(n) for n in z.namelist() if n.endswith(".pkl"))
     assert root not in pickled and b"dataset/data.yaml" in pickled
-    assert sorted(p.name for p in det.iterdir()) == ["dataset", "metrics.json", "weights", "yolo"]
+    assert sorted(p.name for p in det.iterdir()) == [
+        "bundle", "dataset", "metrics.json", "weights", "yolo"
+    ]  # fmt: skip
+    # `roi train` leaves the bundle that `final --detector` and `predict` read.
+    assert sorted(p.name for p in (det / "bundle").iterdir()) == ["detector.json", "detector.pt"]
+    assert (det / "bundle" / "detector.pt").read_bytes() == (
+        det / "weights" / "best.pt"
+    ).read_bytes()
     assert sorted(p.name for p in (det / "yolo").iterdir()) == ["args.yaml", "results.csv"]
     assert metrics["sources"] == {"manifest": "../cohort/manifest.csv", "splits": "../splits.json"}
     assert metrics["settings"]["epochs"] == 1 and metrics["weights_file"] == "weights/best.pt"

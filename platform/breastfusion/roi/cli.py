@@ -153,7 +153,17 @@ def train_command(
         f"detector trained on {n['train']} images, validated on {n['val']} "
         f"({metrics['n_patients']['excluded_holdout']} holdout patients excluded): {scores}"
     )
-    click.echo(f"wrote {Path(out) / 'weights' / 'best.pt'} and {Path(out) / 'metrics.json'}")
+    # The bundle `final --detector` and `predict` read: these weights with the default crop
+    # rule (a study writes its own, with its roi.crop settings).
+    from breastfusion.roi.bundle import export_detector
+
+    bundle = export_detector(
+        Path(out) / "bundle", Path(out) / "weights" / "best.pt", settings, _C, metrics
+    )
+    click.echo(
+        f"wrote {Path(out) / 'weights' / 'best.pt'}, {Path(out) / 'metrics.json'} and the "
+        f"detector bundle {bundle.parent} (crop rule: roi.crop defaults)"
+    )
 
 
 def _num(value: float | None) -> str:
