@@ -93,6 +93,10 @@ def test_a_constant_model_is_flagged_degenerate():
     assert m["degenerate"] is True and "1 distinct" in m["degenerate_reason"]
     pred["y_score_raw"] = np.linspace(-1, 1, 6)
     assert fold_metrics(pred, cfg, Fit(), {})["degenerate"] is False
+    # Distinct but within a per-mille wobble of the prior: collapsed all the same.
+    pred["y_score_raw"] = -1.0 + np.linspace(-1, 1, 6) * 2e-3
+    m = fold_metrics(pred, cfg, Fit(), {})
+    assert m["degenerate"] is True and "log-odds" in m["degenerate_reason"]
 
 
 def test_a_reversed_fold_reports_its_own_ranking_not_a_flat_half():

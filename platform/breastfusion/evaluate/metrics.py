@@ -258,13 +258,18 @@ def _points(
     return tuple(out)
 
 
-def degenerate_reason(scores: np.ndarray, *, rel_sd: float = 1e-6) -> str | None:
+def degenerate_reason(
+    scores: np.ndarray, *, rel_sd: float = 1e-6, min_sd: float = 0.0
+) -> str | None:
     """Why a model's validation scores look collapsed, or None when they do not.
 
     Degenerate: fewer distinct patient scores than max(3, 20% of the patients) (a working model
-    gives continuous, almost never tied patient means), or scores whose SD is below ``rel_sd``
-    of their magnitude (constant up to float noise). Not a criterion: every patient called one
-    class at some threshold — that depends on the threshold, not on the model.
+    gives continuous, almost never tied patient means), scores whose SD is below ``rel_sd``
+    of their magnitude (constant up to float noise), or -- for scores on a known scale such as
+    log-odds -- an SD below ``min_sd`` (a model that predicts the class prior for everyone up
+    to a per-mille wobble, e.g. a plain VGG whose ReLUs died, ranks patients by noise). Not a
+    criterion: every patient called one class at some threshold — that depends on the
+    threshold, not on the model.
     """
     s = np.asarray(scores, dtype=np.float64)
     s = s[np.isfinite(s)]
@@ -278,6 +283,11 @@ def degenerate_reason(scores: np.ndarray, *, rel_sd: float = 1e-6) -> str | None
     sd = float(np.std(s))
     if sd <= rel_sd * (1.0 + float(np.mean(np.abs(s)))):
         return f"scores nearly constant (SD {sd:.3g} around {float(np.mean(s)):.6g})"
+    if sd < min_sd:
+        return (
+            f"scores nearly constant: SD {sd:.3g} log-odds (below {min_sd:g}) around "
+            f"{float(np.mean(s)):.4g}; the model predicts about the same for every patient"
+        )
     return None
 
 
