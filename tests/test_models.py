@@ -347,3 +347,27 @@ def test_pretrained_imagenet_from_filled_cache(tmp_path, monkeypatch):
     torch.save(source.state_dict(), checkpoints / "resnet18-f37072fd.pth")
     model, _ = build_backbone("resnet18", pretrained="imagenet")
     torch.testing.assert_close(model.trunk.conv1.weight, source.conv1.weight)
+
+
+def test_upsample_small_enlarges_inputs_below_the_minimum_instead_of_refusing():
+    """model.upsample_small: Inception v3 takes a 48 px input by enlarging it to 75 px, which
+    gives exactly what the same model computes on the input enlarged beforehand."""
+    from breastfusion.config import Config
+
+    torch.manual_seed(0)
+    model = build_model("dm", backbone_dm="inception_v3", upsample_small=True).eval()
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        out = model(x)
+        model.branches["dm"].upsample_small = False
+        big = torch.nn.functional.interpolate(
+            x, size=(75, 75), mode="bilinear", align_corners=False
+        )
+        assert torch.allclose(out, model(big), atol=1e-6)
+        with pytest.raises(ConfigError, match="too small"):
+            model(x)
+    Config.from_dict(
+        {"model": {"backbone_dm": "inception_v3", "upsample_small": True}, "data": {"size_dm": 48}}
+    )
+    with pytest.raises(ConfigError, match="model.upsample_small"):
+        Config.from_dict({"model": {"backbone_dm": "inception_v3"}, "data": {"size_dm": 48}})

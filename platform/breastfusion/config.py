@@ -91,6 +91,10 @@ class ModelConfig:
     pretrained: str = "none"
     input_mode: Literal["replicate", "adapt"] = "replicate"
     dropout: float = _f(0.0, ge=0.0, lt=1.0)
+    # True: a data.size_* below a backbone's minimum (Inception v3: 75 px) is accepted and
+    # the backbone enlarges its input to that minimum (bilinear) -- e.g. to compare six
+    # backbones at one small size. False: such a size is refused.
+    upsample_small: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,10 +386,11 @@ def _check_models(cfg: Config) -> None:
         backbone = getattr(cfg.model, f"backbone_{branch}")
         size = getattr(cfg.data, f"size_{branch}")
         minimum = min_input_size(backbone)
-        if size < minimum:
+        if size < minimum and not cfg.model.upsample_small:
             raise ConfigError(
                 f"data.size_{branch}: {size} px is below the minimum input size of "
-                f"{backbone} ({minimum} px)"
+                f"{backbone} ({minimum} px); set model.upsample_small: true to let the "
+                "backbone enlarge smaller inputs"
             )
 
 

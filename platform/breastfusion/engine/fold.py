@@ -219,6 +219,7 @@ def build_model_from_config(cfg: Config) -> Any:
         pretrained=m.pretrained,
         input_mode=m.input_mode,
         dropout=m.dropout,
+        upsample_small=m.upsample_small,
     )
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from breastfusion.errors import ConfigError
 from breastfusion.models.registry import BACKBONES, INPUT_MODES, feature_dim, min_input_size
@@ -186,11 +187,19 @@ class Backbone(nn.Module):
         self.min_size = min_size
         self.input_mode = input_mode
         self.target_layer_name = target_layer_name
+        # model.upsample_small: inputs below min_size are enlarged (bilinear) to it inside the
+        # model instead of refused, so one input size serves every backbone of a comparison.
+        self.upsample_small = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample_small:
+            height, width = x.shape[-2], x.shape[-1]
+            if height < self.min_size or width < self.min_size:
+                size = (max(height, self.min_size), max(width, self.min_size))
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         # The size check is Python-side only: scripted or traced graphs keep the shapes
         # they were made with, and a clear message matters at training time.
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+        elif not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_size(x)
         return self.trunk(self.stem(x))
 

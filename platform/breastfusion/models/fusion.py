@@ -175,13 +175,33 @@ def build_model(
     pretrained: str | Path | Mapping[str, str | Path] = "none",
     input_mode: str = "replicate",
     dropout: float = 0.0,
+    upsample_small: bool = False,
 ) -> SingleModalClassifier | LateFusionClassifier:
     """Build the classifier for ``modality`` ("dm", "us" or "fusion").
 
     Single-modal models use ``backbone_dm`` or ``backbone_us`` (the other is ignored, and so
     is ``fusion``). ``pretrained`` is one value for all branches or a mapping
-    ``{"dm": ..., "us": ...}``; each value is ``none | imagenet | PATH``.
+    ``{"dm": ..., "us": ...}``; each value is ``none | imagenet | PATH``. ``upsample_small``:
+    a backbone enlarges inputs below its minimum size instead of refusing them.
     """
+    model = _build_model(
+        modality, backbone_dm, backbone_us, fusion, pretrained, input_mode, dropout
+    )
+    for branch in model.branches.values():
+        assert isinstance(branch, Backbone)
+        branch.upsample_small = upsample_small
+    return model
+
+
+def _build_model(
+    modality: str,
+    backbone_dm: str,
+    backbone_us: str,
+    fusion: str,
+    pretrained: str | Path | Mapping[str, str | Path],
+    input_mode: str,
+    dropout: float,
+) -> SingleModalClassifier | LateFusionClassifier:
     if modality not in MODALITIES:
         raise ConfigError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
     if modality == "fusion":
