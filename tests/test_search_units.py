@@ -494,3 +494,26 @@ def test_search_reads_a_manifest_outside_its_folder_only_when_allowed(
     monkeypatch.setattr(S, "_run_tune", lambda plan: no_tune.append(plan) or finished)
     assert main([*argv, "--out", str(tmp_path / "s4"), "--allow-outside"]) == 0
     assert no_tune[-1].base.data.allow_outside
+
+
+def test_cohort_facts_name_what_the_left_out_patients_lack():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from breastfusion.config import Config
+    from breastfusion.distributed.experiment import cohort_facts
+
+    df = pd.DataFrame(
+        {
+            "patient_id": ["a", "a", "b", "c", "c"],
+            "modality": ["DM", "US", "DM", "US", "US"],
+            "y": [1, 1, 0, 0, 0],
+        }
+    )
+    split_set = SimpleNamespace(development=["a", "b", "c"], k=2)
+    fusion = cohort_facts(df, split_set, Config(), [0, 1])
+    assert "3 development patients (1 malignant)" in fusion[0]
+    assert "2 patient(s) lack a DM or a US image" in fusion[1]
+    dm = cohort_facts(df, split_set, Config().with_overrides({"data.modality": "dm"}), [0])
+    assert "1 patient(s) lack a DM image" in dm[1]

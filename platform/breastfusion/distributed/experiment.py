@@ -106,7 +106,11 @@ def cohort_facts(df: pd.DataFrame, split_set: Any, cfg: Config, folds: list[int]
         f"{split_set.k} folds; this search uses fold(s) {folds}"
     ]
     if lacking:
-        what = "both DM and US" if cfg.data.modality == "fusion" else f"a {cfg.data.modality} image"
+        what = (
+            "a DM or a US image (the pairs need both)"
+            if cfg.data.modality == "fusion"
+            else f"a {cfg.data.modality.upper()} image"
+        )
         lines.append(
             f"  note: {lacking} patient(s) lack {what} and are left out of every fold "
             "(said once here, not per fold)"
