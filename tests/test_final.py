@@ -233,6 +233,35 @@ def test_onnx_agrees_with_torch(setup: StudySetup):
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4, rtol=0)
 
 
+def test_an_onnx_export_that_disagrees_is_dropped_not_fatal(tmp_path: Path, monkeypatch):
+    """A study must not crash after its searches because ONNX rounds differently: the bundle
+    keeps model.pt, says why model.onnx is missing, and predict's onnxruntime backend says so."""
+    import breastfusion.final.scoring as scoring
+    from breastfusion.engine.fold import build_model_from_config
+    from breastfusion.errors import UserError
+    from breastfusion.final.bundle import Bundle
+    from breastfusion.final.export import write_onnx
+    from breastfusion.models.ensemble import CalibratedEnsemble
+
+    real = scoring.OnnxRunner
+
+    class Off(real):  # the exported graph, its outputs nudged by 1e-2
+        def __call__(self, inputs):
+            return super().__call__(inputs) + 1e-2
+
+    monkeypatch.setattr(scoring, "OnnxRunner", Off)
+    cfg = Config.from_dict({"data": {"modality": "dm", "size_dm": 32}})
+    torch.manual_seed(0)
+    net = build_model_from_config(cfg).eval()
+    model = CalibratedEnsemble([net], [1.0], [0.0], ["dm"]).eval()
+    record = write_onnx(model, cfg, tmp_path)
+    assert record["file"] is None and "differs from the torch model" in record["skipped"]
+    assert record["max_abs_diff_vs_torch"] > 1e-3 and not (tmp_path / "model.onnx").exists()
+    bundle = Bundle(tmp_path, {"model": {"onnx": record}, "inputs": [{"name": "dm"}]})
+    with pytest.raises(UserError, match="no ONNX model.*differs.*--backend torch"):
+        bundle.runner("onnxruntime")
+
+
 # -- operating points that transfer ---------------------------------------------------------------
 
 

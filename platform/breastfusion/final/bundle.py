@@ -155,6 +155,13 @@ class Bundle:
         from breastfusion.final.scoring import OnnxRunner, TorchRunner
 
         if backend == "onnxruntime":
+            if not (self.path / ONNX_FILE).is_file():
+                why = ((self.meta.get("model") or {}).get("onnx") or {}).get("skipped")
+                raise UserError(
+                    f"{self.path / ONNX_FILE}: this bundle has no ONNX model"
+                    f"{f' ({why})' if why else ' (exported with final.onnx false)'}; "
+                    "use --backend torch"
+                )
             return OnnxRunner(self.path / ONNX_FILE, self.branches)
         return TorchRunner(self.load_model(), device or "cpu")
 
