@@ -209,3 +209,26 @@ def test_platt_fit_recovers_a_known_scale_and_never_reverses_a_ranking():
     assert np.mean(np.abs(cal.apply(true * 1e6 - 3e6) - true)) < 0.1
     flipped = fit_platt(y, -true)  # anti-correlated scores: slope clamped at 0, never negative
     assert flipped.a == 0.0 and "prevalence" in flipped.note
+
+
+def test_warmup_scales_each_step_linearly_and_restores_the_rate(monkeypatch):
+    """optim.warmup_epochs = 1.5 over 4 batches per epoch: epoch 1 climbs 1/6..4/6, epoch 2
+    reaches the full rate at step 2 of 4; after every epoch the scheduler's rate is back."""
+    import breastfusion.engine.loop as loop
+
+    seen: list[float] = []
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.3)
+
+    def step(model, batch, optimizer, *args):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return torch.tensor(0.5)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    batches = [{"y": torch.tensor([0, 1])}] * 4
+    for epoch in (1, 2):
+        loop._train_epoch(nn.Linear(1, 1), batches, opt, None, "cpu", False, warmup=(epoch, 1.5))
+        assert opt.param_groups[0]["lr"] == 0.3
+    expected = [0.3 * min(1.0, (e - 1 + i / 4) / 1.5) for e in (1, 2) for i in range(1, 5)]
+    assert seen == pytest.approx(expected)
+    assert seen[0] == pytest.approx(0.05) and seen[5:] == pytest.approx([0.3] * 3)
+    assert Config.from_dict({"optim": {"warmup_epochs": 1}}).optim.warmup_epochs == 1.0

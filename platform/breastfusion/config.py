@@ -108,6 +108,10 @@ class OptimConfig:
     batch_size: int = _f(8, ge=1, le=4096)
     epochs: int = _f(200, ge=1, le=100_000)
     schedule: Literal["none", "cosine"] = "none"
+    # Linear learning-rate warm-up over the first N epochs (per step, may be fractional):
+    # Adam's first full-size steps can kill a plain deep net from scratch (VGG16's ReLUs die
+    # and every patient gets the prior). 0 = off.
+    warmup_epochs: float = _f(0.0, ge=0.0, le=1000.0)
     # Early stopping: stop after this many epochs without a better patient-level AUC on an
     # inner split of the training fold (``inner_val_fraction`` of its patients, stratified),
     # and keep that epoch's weights; the fold's own validation patients are never used to

@@ -1,9 +1,8 @@
 """Plain-PyTorch training and evaluation: ``fit`` and ``evaluate``.
 
-The loop knows nothing about Ray. The search wraps it through three touch points, all
-arguments of ``fit``: ``prepare_model`` and ``prepare_loader`` (Ray Train's DDP wrappers;
-identity by default; only the training loader is prepared) and ``callback`` (receives each epoch's metrics, e.g. Ray's
-``report``; a truthy return value stops training). Checkpoints go to ``out_dir``:
+The loop knows nothing about Ray: three arguments of ``fit`` are its touch points,
+``prepare_model`` / ``prepare_loader`` (Ray Train's DDP wrappers; identity by default) and
+``callback`` (each epoch's metrics; truthy = stop). Checkpoints go to ``out_dir``:
 ``best.pt`` (best weights + config + hash) and ``last.pt`` (resumable training state).
 
 Scores are malignant log-odds ``logit[1] - logit[0]`` in float64, never softmax probabilities
@@ -45,12 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from breastfusion.config import Config, OptimConfig
-from breastfusion.engine.checkpoint import (
-    cpu_state_dict,
-    load_checkpoint,
-    save_checkpoint,
-    unwrap,
-)
+from breastfusion.engine.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint, unwrap
 from breastfusion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -138,7 +132,14 @@ def fit(
         _set_epoch(train_loader, epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, n_train, train_s = _train_epoch(
-            model, train_loader, optimizer, amp, dev, channels_last, heartbeat
+            model,
+            train_loader,
+            optimizer,
+            amp,
+            dev,
+            channels_last,
+            heartbeat,
+            warmup=(epoch, cfg.optim.warmup_epochs),
         )
         if scheduler is not None:
             scheduler.step()
@@ -359,18 +360,32 @@ def _train_epoch(
     device: torch.device,
     channels_last: bool,
     heartbeat: Callable[[int, int, float], None] | None = None,
+    warmup: tuple[int, float] = (1, 0.0),
 ) -> tuple[float, int, float]:
-    """One pass over ``loader``; returns (mean loss per sample, samples seen, seconds)."""
+    """One pass over ``loader``; returns (mean loss per sample, samples seen, seconds).
+
+    ``warmup = (epoch, warmup_epochs)``: while ``epoch - 1 + i / n_batches < warmup_epochs``
+    the learning rate of step ``i`` is scaled linearly from ~0 to the epoch's rate (then put
+    back, so the epoch scheduler is unaffected). It depends only on the epoch and the step,
+    so a resumed run warms up exactly as an uninterrupted one."""
     model.train()
     total, n = 0.0, 0
     start = time.perf_counter()
     n_batches = len(loader) if hasattr(loader, "__len__") else 0
+    epoch, warmup_epochs = warmup
+    base = [g["lr"] for g in optimizer.param_groups]
     for i, batch in enumerate(loader, 1):
+        if warmup_epochs > 0 and n_batches:
+            factor = min(1.0, (epoch - 1 + i / n_batches) / warmup_epochs)
+            for group, lr in zip(optimizer.param_groups, base, strict=True):
+                group["lr"] = lr * factor
         loss = train_step(model, batch, optimizer, amp, device, channels_last)
         total += float(loss) * len(batch["y"])
         n += len(batch["y"])
         if heartbeat is not None:
             heartbeat(i, n_batches, time.perf_counter() - start)
+    for group, lr in zip(optimizer.param_groups, base, strict=True):
+        group["lr"] = lr
     seconds = time.perf_counter() - start
     return (total / n if n else math.nan), n, seconds
 
