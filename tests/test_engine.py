@@ -166,8 +166,13 @@ def test_best_state_is_restored_and_checkpointed(tmp_path):
     cfg = cfg_for(epochs=3)
     model = new_model()
     result = fit(cfg, loader(ds, True), loader(ds), model, out_dir=tmp_path)
-    assert (tmp_path / BEST_NAME).is_file() and (tmp_path / LAST_NAME).is_file()
-    best = load_checkpoint(tmp_path / BEST_NAME)
+    assert (tmp_path / LAST_NAME).is_file()
+    last = load_checkpoint(tmp_path / LAST_NAME)
+    # best.pt exists only when a later epoch did not improve; otherwise last.pt holds the best.
+    in_last = result.best_epoch == result.epochs_run
+    assert (tmp_path / BEST_NAME).is_file() is not in_last
+    assert last.train_state["best_in_last"] is in_last
+    best = last if in_last else load_checkpoint(tmp_path / BEST_NAME)
     assert best.config_hash == cfg.config_hash()
     assert best.meta["best_epoch"] == result.best_epoch
     for k, v in model.state_dict().items():
@@ -179,7 +184,8 @@ def test_best_state_is_restored_and_checkpointed(tmp_path):
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     train, val = make_data(n_patients=10, signal=0.3), make_data(signal=0.3, seed=3)
     cfg = cfg_for(epochs=4)
-    full = fit(cfg, loader(train, True), loader(val), new_model())
+    full_model = new_model()
+    full = fit(cfg, loader(train, True), loader(val), full_model)
     # Interrupt after epoch 2, then resume into a fresh model from last.pt.
     fit(
         cfg,
@@ -189,8 +195,14 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         out_dir=tmp_path,
         callback=lambda m: m["epoch"] == 2,
     )
-    resumed = fit(cfg, loader(train, True), loader(val), new_model(), out_dir=tmp_path, resume=True)
-    assert resumed.epochs_run == 4
+    resumed_model = new_model()
+    resumed = fit(
+        cfg, loader(train, True), loader(val), resumed_model, out_dir=tmp_path, resume=True
+    )
+    assert resumed.epochs_run == 4 and resumed.best_epoch == full.best_epoch
+    # The returned weights are the best epoch's, whether best.pt or last.pt held them.
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
     assert [h["val_auc"] for h in resumed.history] == [h["val_auc"] for h in full.history]
 
@@ -336,3 +348,30 @@ def test_divergence_stops_and_is_reported():
     assert result.stop_reason == "diverged" and result.epochs_run == 2
     assert [m["epoch"] for m in seen] == [1, 2] and math.isnan(seen[-1]["train_loss"])
     assert result.best_epoch == 1 and result.best_state
+
+
+def test_best_weights_survive_a_resume_when_a_later_epoch_did_not_improve(tmp_path):
+    """best.pt is written lazily (at the first epoch that does not improve); a resume then
+    restores the best epoch's weights from it, not the last epoch's."""
+    from breastfusion.engine.checkpoint import cpu_state_dict
+    from breastfusion.engine.loop import AmpPolicy, _resume, _save, _State, build_optimizer
+
+    cfg = cfg_for(epochs=3, patience=5)
+    model, amp = new_model(), AmpPolicy(torch.device("cpu"), False)
+    opt = build_optimizer(cfg.optim, model.parameters())
+    state = _State(epoch=1, best_auc=0.7, best_epoch=1)
+    state.best_state = cpu_state_dict(model)
+    _save(tmp_path, cfg, cfg.to_dict(), model, opt, None, amp, state, True)
+    assert not (tmp_path / BEST_NAME).exists()  # last.pt holds the best
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    state.epoch = 2
+    _save(tmp_path, cfg, cfg.to_dict(), model, opt, None, amp, state, False)
+    assert (tmp_path / BEST_NAME).is_file()
+    fresh = new_model()
+    restored = _resume(tmp_path / LAST_NAME, cfg, fresh, opt, None, amp)
+    assert restored.best_on_disk and restored.best_epoch == 1
+    for k, v in state.best_state.items():
+        assert torch.equal(restored.best_state[k], v), k
+        assert not torch.equal(fresh.state_dict()[k], v) or not v.is_floating_point(), k

@@ -308,6 +308,7 @@ class _State:
     history: list[dict[str, float]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     best_predictions: pd.DataFrame | None = None
+    best_on_disk: bool = False  # best.pt holds best_state (else last.pt's weights are it)
 
 
 class AmpPolicy:
@@ -548,9 +549,15 @@ def _save(
     improved: bool,
 ) -> None:
     meta = {"epoch": state.epoch, "best_epoch": state.best_epoch, "val_auc": state.best_auc}
-    if improved:
+    # best.pt is written only once a later epoch stops improving: while the newest epoch is
+    # the best (every epoch with patience 0) last.pt's weights are the best ones.
+    if not improved and not state.best_on_disk:
         save_checkpoint(out / BEST_NAME, state.best_state, config_dict, meta=meta)
+        state.best_on_disk = True
+    elif improved:
+        state.best_on_disk = False
     train_state = {
+        "best_in_last": improved,
         "epoch": state.epoch,
         "best_auc": state.best_auc,
         "best_epoch": state.best_epoch,
@@ -593,8 +600,9 @@ def _resume(
         history=list(ts["history"]),
     )
     best_path = path.parent / BEST_NAME
+    state.best_on_disk = not ts.get("best_in_last", False) and best_path.is_file()
     state.best_state = (
-        load_checkpoint(best_path).state_dict if best_path.is_file() else cpu_state_dict(model)
+        load_checkpoint(best_path).state_dict if state.best_on_disk else cpu_state_dict(model)
     )
     log.info("resumed from %s at epoch %d", path, state.epoch)
     return state
