@@ -88,6 +88,11 @@ def run_study(
                 f"Continue with: {command}",
                 exit_code=code,
             ) from None
+        finally:
+            if ctx.ray_started:
+                from breastfusion.distributed.ray_local import shutdown_ray
+
+                shutdown_ray()
         report = Path(ctx.outputs["09_report"]["report"])
         echo(f"finished in {time.monotonic() - started:.0f} s")
         for line in headline(ctx.dir("08_final") / "metrics.json"):

@@ -32,6 +32,7 @@ class StageContext:
     resume_command: str = ""
     hashes: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Outputs] = field(default_factory=dict)
+    ray_started: bool = False  # this study started the Ray its searches share (it stops it)
 
     def dir(self, stage: str) -> Path:
         return self.root / stage
@@ -186,6 +187,7 @@ def search_stage(key: str) -> Callable[[StageContext, Path], Outputs]:
     def run(ctx: StageContext, out: Path) -> Outputs:
         from breastfusion.distributed.search import search
 
+        share_ray(ctx)
         folder = runs.SearchDir(out)
         summary = search(
             ctx.study.searches[key].space,
@@ -203,6 +205,27 @@ def search_stage(key: str) -> Callable[[StageContext, Path], Outputs]:
         return {"search_dir": out, "best_score": summary.best.get("score")}
 
     return run
+
+
+def share_ray(ctx: StageContext) -> None:
+    """Start the private local Ray once for every search of the study (each search then joins
+    it instead of paying Ray's start and stop); the study's own signal handlers stay in place.
+    Under ``RAY_ADDRESS`` (a cluster) or an already running Ray nothing is started."""
+    import signal
+
+    from breastfusion.distributed.ray_local import init_ray
+
+    if ctx.ray_started:
+        return
+    dashboard = not ctx.study.debug and any(
+        s.space.workers > 1 for s in ctx.study.searches.values()
+    )
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ctx.ray_started = init_ray(dashboard=dashboard)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def check_search_finished(folder: runs.SearchDir, resume_command: str) -> None:

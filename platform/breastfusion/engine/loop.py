@@ -364,17 +364,12 @@ def _train_epoch(
     warmup: tuple[int, float] = (1, 0.0),
 ) -> tuple[float, int, float]:
     """One pass over ``loader``; returns (mean loss per sample, samples seen, seconds).
-
-    ``warmup = (epoch, warmup_epochs)``: while ``epoch - 1 + i / n_batches < warmup_epochs``
-    the learning rate of step ``i`` is scaled linearly from ~0 to the epoch's rate (then put
-    back, so the epoch scheduler is unaffected). It depends only on the epoch and the step,
-    so a resumed run warms up exactly as an uninterrupted one."""
+    ``warmup = (epoch, warmup_epochs)``: step ``i``'s rate is scaled by ``(epoch - 1 +
+    i / n_batches) / warmup_epochs`` up to 1 (a function of epoch and step: resume-exact)."""
     model.train()
-    total, n = 0.0, 0
-    start = time.perf_counter()
+    total, n, start = 0.0, 0, time.perf_counter()
     n_batches = len(loader) if hasattr(loader, "__len__") else 0
-    epoch, warmup_epochs = warmup
-    base = [g["lr"] for g in optimizer.param_groups]
+    (epoch, warmup_epochs), base = warmup, [g["lr"] for g in optimizer.param_groups]
     for i, batch in enumerate(loader, 1):
         if warmup_epochs > 0 and n_batches:
             factor = min(1.0, (epoch - 1 + i / n_batches) / warmup_epochs)
@@ -473,16 +468,12 @@ def recalibrate_batchnorm(
 
 
 def _improves(auc: float, best: float, no_selection: bool, best_epoch: int) -> bool:
-    """Strictly better AUC wins; ties keep the earlier (less trained) state.
-
-    Without selection (no monitoring set, or ``patience == 0``) the latest state is the result. A NaN AUC (one class in validation)
-    never beats a real one, but the first epoch is always kept so there is a state to return.
-    """
+    """Strictly better AUC wins; ties keep the earlier state. Without selection (no
+    monitoring set, or ``patience == 0``) the latest state wins; a NaN AUC never beats a real
+    one, but the first epoch is always kept so there is a state to return."""
     if no_selection or best_epoch == 0:
         return True
-    if math.isnan(auc):
-        return False
-    return math.isnan(best) or auc > best
+    return not math.isnan(auc) and (math.isnan(best) or auc > best)
 
 
 def _reseed_loader(loader: Any, seed: int) -> None:
