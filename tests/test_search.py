@@ -209,6 +209,16 @@ def test_best_is_the_projects_rule_and_only_its_models_are_kept(faulted_search):
         assert model.is_file() == (name in kept), name  # keep_checkpoints: best (default)
 
 
+def test_aggregate_picks_the_same_best_trial_as_the_search(faulted_search, tmp_path):
+    """One best rule: `aggregate` over the search folder names the trial best.json names."""
+    from breastfusion.evaluate.aggregate import aggregate
+
+    out = faulted_search["out"]
+    result = aggregate([out], tmp_path / "agg", n_boot=200)
+    assert result.best["trial"] == runs.SearchDir(out).best()["trial"]
+    assert result.best["score"]["value"] == runs.SearchDir(out).best()["score"]
+
+
 def test_optuna_study_holds_the_cross_validated_objectives(faulted_search):
     import optuna
 
