@@ -18,6 +18,7 @@ from breastfusion.data.splits import make_splits, write_splits
 from breastfusion.engine.data import inner_split
 from breastfusion.engine.fold import fold_metrics, run_fold
 from breastfusion.engine.loop import evaluate, fit, log_odds, recalibrate_batchnorm
+from breastfusion.errors import ConfigError
 from breastfusion.evaluate.calibration import Calibration
 from test_engine import loader, make_data, new_model
 
@@ -232,3 +233,27 @@ def test_warmup_scales_each_step_linearly_and_restores_the_rate(monkeypatch):
     assert seen == pytest.approx(expected)
     assert seen[0] == pytest.approx(0.05) and seen[5:] == pytest.approx([0.3] * 3)
     assert Config.from_dict({"optim": {"warmup_epochs": 1}}).optim.warmup_epochs == 1.0
+
+
+def test_validate_every_scores_only_some_epochs_and_always_the_last():
+    from breastfusion.distributed.space import parse_space
+
+    train, val = make_data(n_patients=10, signal=0.3), make_data(signal=0.3, seed=3)
+    cfg = Config(
+        optim=OptimConfig(epochs=4, lr=5e-2, batch_size=4, patience=0),
+        train=TrainConfig(device="cpu", validate_every=3),
+    )
+    result = fit(cfg, loader(train, True), loader(val), model := new_model())
+    scored = [h["epoch"] for h in result.history if np.isfinite(h["val_auc"])]
+    assert scored == [3, 4] and result.best_epoch == 4
+    again = evaluate(model, loader(val), "cpu")  # the reported predictions are epoch 4's
+    np.testing.assert_allclose(again["y_score"], result.val_predictions["y_score"], rtol=1e-9)
+    with pytest.raises(ConfigError, match="validate_every: 2 leaves the asha scheduler"):
+        parse_space(
+            {
+                "algorithm": "random",
+                "scheduler": {"type": "asha"},
+                "fixed": {"train.validate_every": 2},
+                "space": {"optim.lr": {"loguniform": [1e-4, 1e-3]}},
+            }
+        )

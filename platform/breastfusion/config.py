@@ -135,6 +135,9 @@ class TrainConfig:
     # to this many training batches (no gradient step) so eval-mode scores match the weights.
     # 0 = off (then a few-step model can give constant or saturated eval-mode logits).
     bn_recalibration_batches: int = _f(32, ge=0, le=100_000)
+    # Score the monitoring patients every N epochs and always after the last one (curves and
+    # early stopping need every epoch: with optim.patience > 0 or a Tune scheduler keep 1).
+    validate_every: int = _f(1, ge=1, le=100_000)
 
 
 @dataclass(frozen=True)

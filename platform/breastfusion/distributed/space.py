@@ -260,6 +260,12 @@ def parse_space(raw: Any, *, default_name: str = "search") -> SearchSpace:
         ),
         fold_parallel=_bool(raw.get("fold_parallel", False), "fold_parallel"),
     )
+    every = fixed.get("train.validate_every", 1)
+    if scheduler.type != "none" and isinstance(every, int) and every > 1:
+        raise ConfigError(
+            f"fixed train.validate_every: {every} leaves the {scheduler.type} scheduler "
+            "without a score for most epochs; use scheduler: none or validate every epoch"
+        )
     if space.fold_parallel and space.workers > 1:
         raise ConfigError(
             "fold_parallel: true trains each fold in one process; it needs workers: 1 "

@@ -146,7 +146,8 @@ def fit(
         recalibrate_batchnorm(
             unwrap(model), train_loader, cfg.train.bn_recalibration_batches, dev, amp, channels_last
         )
-        if val_loader is not None:
+        every, last = cfg.train.validate_every, cfg.optim.epochs
+        if val_loader is not None and (select_best or epoch % every == 0 or epoch == last):
             _sync_buffers(model)
             val_df, val_loss = _predict(unwrap(model), val_loader, dev, amp, channels_last)
             val_auc = patient_auc(val_df)
