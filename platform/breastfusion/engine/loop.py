@@ -3,7 +3,7 @@
 The loop knows nothing about Ray: three arguments of ``fit`` are its touch points,
 ``prepare_model`` / ``prepare_loader`` (Ray Train's DDP wrappers; identity by default) and
 ``callback`` (each epoch's metrics; truthy = stop). Checkpoints go to ``out_dir``:
-``best.pt`` (best weights + config + hash) and ``last.pt`` (resumable training state).
+``last.pt`` (resumable state) and, once a later epoch is worse, ``best.pt`` (best weights).
 
 Scores are malignant log-odds ``logit[1] - logit[0]`` in float64, never softmax probabilities
 (those saturate to exactly 0 or 1 in float32 after a few epochs and turn rankings into ties).
