@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from breastfusion import runs
 from breastfusion.config import Config, dump_yaml, from_dict, load_yaml, save_yaml
 from breastfusion.errors import ConfigError
 
@@ -112,6 +113,36 @@ def test_hash_is_stable_across_processes():
         env={"PYTHONPATH": str(root / "platform"), "PYTHONHASHSEED": "123"},
     )
     assert out.stdout.strip() == Config().config_hash()
+
+
+def test_saved_yaml_stores_paths_relative_to_its_folder_and_survives_a_move(tmp_path):
+    """A study's config files must not name where the study was (``mv A B``)."""
+    a = tmp_path / "A"
+    (a / "data").mkdir(parents=True)
+    cfg = Config().with_overrides(
+        {
+            "data.manifest": str(a / "data" / "manifest.csv"),
+            "data.splits": str(a / "splits.json"),
+            "data.cache_dir": str(a / "run" / "cache"),
+        }
+    )
+    path = save_yaml(cfg, a / "run" / "fold0" / "config.yaml")
+    text = path.read_text()
+    assert str(a) not in text
+    assert "manifest: ../../data/manifest.csv" in text
+    assert load_yaml(path) == cfg
+    b = tmp_path / "B"
+    a.rename(b)
+    moved = load_yaml(b / "run" / "fold0" / "config.yaml")
+    assert moved.data.manifest == str(b / "data" / "manifest.csv")
+    assert moved.data.cache_dir == str(b / "run" / "cache")
+    # The fold-folder reader resolves the same way.
+    fold = runs.FoldDir(b / "run" / "fold0", 0)
+    assert fold.config()["data"]["splits"] == str(b / "splits.json")
+    # Paths that are not paths stay as they are.
+    assert "pretrained: none" in save_yaml(
+        cfg.with_overrides({"model.pretrained": "none"}), tmp_path / "c.yaml"
+    ).read_text()
 
 
 def test_yaml_paths_are_relative_to_the_file(tmp_path):

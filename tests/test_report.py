@@ -337,7 +337,12 @@ def test_report_reads_stage_records_not_a_layout(study: Path, tmp_path: Path) ->
     shutil.rmtree(study.parent / "study" / "09_report", ignore_errors=True)
     inp = read_study(moved)
     assert inp.aggregate is not None and inp.holdout_metrics is not None
-    assert all(str(moved) in v for v in inp.sources.values())
+    # Sources are shown relative to the study folder: they exist there, and the page names
+    # neither the old place nor the new one.
+    assert inp.sources and all((moved / v).exists() for v in inp.sources.values())
+    page = render_html(inp)
+    assert str(study) not in page and str(moved) not in page
+    assert "built-in synthetic cohort (seed 7, 01_data/" in page
     # Without 07_aggregate's stage record the CV sections say "not run": no aggregation is
     # recomputed from the search folders that are still there.
     (moved / "07_aggregate" / "stage.json").unlink()

@@ -206,3 +206,27 @@ def test_build_dir_turns_sigterm_into_interrupt(tmp_path: Path) -> None:
     finally:
         signal.signal(signal.SIGTERM, outer)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_link_or_copy_links_where_it_can_and_copies_otherwise(tmp_path: Path, monkeypatch) -> None:
+    """Detector weights go into every bundle: a hard link costs no disk; where the file
+    system refuses links, an independent copy with the umask's mode."""
+    import os
+
+    from breastfusion.io import link_or_copy
+
+    source = tmp_path / "best.pt"
+    source.write_bytes(b"weights")
+    linked = link_or_copy(source, tmp_path / "bundle" / "detector.pt")
+    assert linked.read_bytes() == b"weights" and os.stat(linked).st_ino == os.stat(source).st_ino
+
+    def refuse(*_a, **_k):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    copied = link_or_copy(source, tmp_path / "other" / "detector.pt")
+    assert copied.read_bytes() == b"weights" and os.stat(copied).st_ino != os.stat(source).st_ino
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert copied.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in copied.parent.iterdir()] == ["detector.pt"]  # no temporary left

@@ -324,6 +324,46 @@ def test_keep_checkpoints_best_keeps_the_tie_band_and_drops_scratch(tmp_path):
     assert not partial.parent.exists()
 
 
+def test_keep_checkpoints_none_drops_every_ended_trials_models_but_not_an_errored_ones(tmp_path):
+    from breastfusion.distributed import search as S
+
+    folder = runs.SearchDir(tmp_path)
+    for name in ("ok", "failed"):
+        for k in (0, 1):
+            _write_fold(folder.trial(name).path, k, 0.8)
+    space = parse_space({**SPACE, "keep_checkpoints": "none"})
+    plan = SimpleNamespace(space=space, out=tmp_path, folds=[0, 1])
+    live = SimpleNamespace(references={})
+    S._trim(plan, live, "failed", errored=True)  # may be retried: its folds stay
+    S._trim(plan, live, "ok", errored=False)
+    assert not folder.trial("ok").fold(0).model_path.exists()
+    assert (folder.trial("ok").fold(0).path / runs.FOLD_METRICS).is_file()
+    assert folder.trial("failed").fold(1).model_path.is_file()
+    with pytest.raises(Exception, match="keep_checkpoints"):
+        parse_space({**SPACE, "keep_checkpoints": "some"})
+
+
+def test_a_finished_search_drops_tunes_state_and_resume_returns_its_result(tmp_path):
+    """Ray's experiment state names the folder's absolute place: a finished search drops it
+    (the folder can move), and ``--resume`` then returns the result instead of re-running."""
+    from breastfusion.distributed import search as S
+
+    folder = runs.SearchDir(tmp_path)
+    exp = folder.tune_dir / "unit"
+    (exp / "t1").mkdir(parents=True)
+    (exp / "t1" / "result.json").write_text("{}")
+    for name in ("experiment_state-x.json", "basic-variant-state-x.json", "tuner.pkl"):
+        (exp / name).write_text(str(tmp_path))
+    folder.write_trials_table(pd.DataFrame([{"trial": "t1", "status": "complete", "mean_auc": 0.8}]))
+    folder.write_best({"trial": "t1", "fingerprint": "f1"})
+    assert S._already_complete(folder, "unit", "f1") is None  # Tune could restore it
+    S._drop_tune_state(folder, "unit")
+    assert sorted(p.name for p in exp.iterdir()) == ["t1"]  # the trials' own folders stay
+    done = S._already_complete(folder, "unit", "f1")
+    assert done is not None and done.best["trial"] == "t1" and list(done.trials["trial"]) == ["t1"]
+    assert S._already_complete(folder, "unit", "another") is None  # another experiment
+
+
 # -- progress lines -------------------------------------------------------------------------------
 
 

@@ -167,6 +167,20 @@ def test_debug_is_decided_in_one_place(tmp_path):
     assert debug.stage_settings("02_splits") == study.stage_settings("02_splits")
 
 
+def test_a_refit_study_keeps_no_search_fold_models_unless_a_space_says(tmp_path):
+    """A refit final model trains anew, so the searches' fold models (90 MB each for a dual
+    ResNet-18) are dropped; an ensemble needs them; a space's own setting wins."""
+    refit = load_study(_study(tmp_path, _with(final={"mode": "refit"})))
+    assert refit.search_space("fusion").keep_checkpoints == "none"
+    ensemble = load_study(_study(tmp_path, _with(final={"mode": "ensemble"}), "e.yaml"))
+    assert ensemble.search_space("fusion").keep_checkpoints == "best"
+    doc = _with(final={"mode": "refit"})
+    doc["fusion"] = {**doc["fusion"], "keep_checkpoints": "all"}
+    assert load_study(_study(tmp_path, doc, "k.yaml")).search_space("fusion").keep_checkpoints == (
+        "all"
+    )
+
+
 def test_report_gradcam_fills_the_final_setting_unless_final_sets_it(tmp_path):
     only_report = load_study(_study(tmp_path, _with(report={"gradcam_per_category": 2})))
     assert only_report.final.gradcam_per_category == 2

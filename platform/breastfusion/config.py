@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import numbers
 import types
 import typing
@@ -250,19 +251,24 @@ def load_yaml(path: str | Path) -> Config:
         raise ConfigError(f"{path}: {exc.message}", details=exc.details) from exc
 
 
-def dump_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, with its hash as an informational top-level key."""
+def dump_yaml(cfg: Config, folder: str | Path | None = None) -> str:
+    """The resolved config as YAML, with its hash as an informational top-level key. With
+    ``folder`` (where the YAML will live), its paths are written relative to that folder."""
     import yaml
 
-    doc = {"config_hash": cfg.config_hash(), **cfg.to_dict()}
+    raw = cfg.to_dict()
+    if folder is not None:
+        raw = portable_paths(raw, Path(folder))
+    doc = {"config_hash": cfg.config_hash(), **raw}
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
 def save_yaml(cfg: Config, path: str | Path) -> Path:
-    """Write ``dump_yaml(cfg)`` atomically."""
+    """Write ``dump_yaml(cfg)`` atomically, its paths relative to the file's folder (so a moved
+    study or bundle still reads: ``load_yaml`` resolves them against the new place)."""
     from breastfusion.io import atomic_write_text
 
-    return atomic_write_text(path, dump_yaml(cfg))
+    return atomic_write_text(path, dump_yaml(cfg, Path(path).resolve().parent))
 
 
 # -- validation internals ------------------------------------------------------------------
@@ -401,16 +407,45 @@ def _check_models(cfg: Config) -> None:
             )
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+def _path_keys(raw: dict[str, Any]) -> list[str]:
     keys = [*_PATH_KEYS]
     model = raw.get("model")
     if isinstance(model, dict) and model.get("pretrained") not in (None, *PRETRAINED_KEYWORDS):
         keys.append("model.pretrained")
-    for dotted in keys:
+    return keys
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    for dotted in _path_keys(raw):
         section, name = dotted.split(".")
         block = raw.get(section)
         if isinstance(block, dict) and isinstance(block.get(name), str):
             value = Path(block[name]).expanduser()
-            if not value.is_absolute():
-                block[name] = str(base / value)
+            if not value.is_absolute():  # lexical, the inverse of ``portable_paths``
+                block[name] = os.path.normpath(base / value)
     return raw
+
+
+def resolve_paths(raw: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """A copy of a raw config mapping (e.g. a saved ``config.yaml``) whose relative paths
+    (``data.manifest``, ``data.splits``, ``data.cache_dir``, ``model.pretrained``) are resolved
+    against ``base``, the folder of the file it came from."""
+    return _resolve_paths(copy.deepcopy(raw), Path(base).resolve())
+
+
+def portable_paths(raw: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """The inverse of ``resolve_paths``: a copy whose absolute paths are relative to ``base``
+    (climbing with ``..`` if needed; absolute only where none exists, e.g. another drive)."""
+    out = copy.deepcopy(raw)
+    start = os.path.abspath(base)
+    for dotted in _path_keys(out):
+        section, name = dotted.split(".")
+        block = out.get(section)
+        if isinstance(block, dict) and isinstance(block.get(name), str):
+            value = Path(block[name]).expanduser()
+            if value.is_absolute():
+                try:
+                    block[name] = Path(os.path.relpath(value, start)).as_posix()
+                except ValueError:
+                    block[name] = value.as_posix()
+    return out

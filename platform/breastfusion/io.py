@@ -93,6 +93,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def link_or_copy(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Put ``source``'s content at ``dest`` atomically: a hard link where the file system
+    allows (large weights that never change in place take no second copy), else a copy."""
+    source, dest = Path(source), Path(dest)
+    ensure_dir(dest.parent)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            shareable(tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise _output_error(dest, exc) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -107,13 +107,13 @@ class FoldDir:
 
     def config(self) -> dict[str, Any]:
         """The resolved config the fold ran with (``config_hash`` dropped)."""
-        from breastfusion.config import read_yaml
+        from breastfusion.config import read_yaml, resolve_paths
 
         raw = read_yaml(self.path / FOLD_CONFIG, "fold config")
         if not isinstance(raw, dict):
             raise UserError(f"{self.path / FOLD_CONFIG}: expected a mapping of config sections")
         raw.pop("config_hash", None)
-        return raw
+        return resolve_paths(raw, self.path)  # stored relative to the fold's folder
 
     def predictions(self) -> pd.DataFrame:
         import pandas as pd
@@ -435,11 +435,12 @@ def _abs(value: Any, root: Path) -> Any:
 
 # -- relocatable records -------------------------------------------------------------------------
 
-PATH_KEYS = ("search_dir", "dir")
+# Folders of searches and results, and a config's data locations (``data.manifest`` …).
+PATH_KEYS = ("search_dir", "dir", "manifest", "splits", "cache_dir")
 
 
 def portable(obj: Any, base: Path, keys: Sequence[str] = PATH_KEYS) -> Any:
-    """``obj`` with the values of path keys (``search_dir``, ``dir``) made relative to ``base``
+    """``obj`` with the values of path keys (``PATH_KEYS``) made relative to ``base``
     (the folder of the file being written), so a moved study or results folder still reads."""
     import os
 

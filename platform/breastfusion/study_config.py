@@ -146,8 +146,16 @@ class StudyConfig:
 
     def search_space(self, key: str) -> SearchSpace:
         """The space search ``key`` runs (shrunk under ``--debug``, as ``search`` does)."""
-        space = self.searches[key].space
+        space = self.space_for_search(key)
         return space.for_debug() if self.debug else space
+
+    def space_for_search(self, key: str) -> SearchSpace:
+        """The space the stage hands to ``search`` (which shrinks it itself under --debug)."""
+        space = self.searches[key].space
+        if "keep_checkpoints" not in space.source and self.final.mode == "refit":
+            # A refit final model trains anew: no stage reads the searches' fold models.
+            space = dataclasses.replace(space, keep_checkpoints="none")
+        return space
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """What stage ``stage``'s hash covers (resolved, defaults filled in, no study paths)."""

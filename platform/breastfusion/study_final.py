@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from breastfusion import runs
+from breastfusion.config import load_yaml, save_yaml
 from breastfusion.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -43,7 +44,11 @@ def final_stage(ctx: StageContext, out: Path) -> Outputs:
             per_modality[modality] = out / "model"
             continue
         ctx.say(f"best {runs.MODALITY_LABELS.get(modality, modality)}: {record.get('trial')}")
-        quiet = dataclasses.replace(settings, gradcam_per_category=0)
+        # model.onnx only where predict can use it: the chosen model and its fallbacks.
+        fallback = chosen.get("modality") == "fusion" and modality in ("dm", "us")
+        quiet = dataclasses.replace(
+            settings, gradcam_per_category=0, onnx=settings.onnx and fallback
+        )
         folder = _search_dir(ctx, record)
         final_from_best(record, out=out / modality, search_dir=folder, settings=quiet, **common)
         per_modality[modality] = out / modality
@@ -60,12 +65,10 @@ def final_stage(ctx: StageContext, out: Path) -> Outputs:
         **common,
     )
     _compare_on_holdout(ctx, per_modality, out)
-    for name in ("gradcam", "config.yaml"):
-        src = out / "model" / name
-        if src.is_dir():
-            shutil.copytree(src, out / name)
-        elif src.is_file():
-            shutil.copy2(src, out / name)
+    if (out / "model" / "gradcam").is_dir():
+        shutil.copytree(out / "model" / "gradcam", out / "gradcam")
+    if (out / "model" / "config.yaml").is_file():  # rewritten: its paths are folder-relative
+        save_yaml(load_yaml(out / "model" / "config.yaml"), out / "config.yaml")
     return {"final_dir": out, "model_dir": out / "model", "headline": result.headline}
 
 

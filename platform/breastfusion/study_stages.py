@@ -190,7 +190,7 @@ def search_stage(key: str) -> Callable[[StageContext, Path], Outputs]:
         share_ray(ctx)
         folder = runs.SearchDir(out)
         summary = search(
-            ctx.study.searches[key].space,
+            ctx.study.space_for_search(key),
             ctx.outputs["03_roi"]["manifest"],
             ctx.outputs["02_splits"]["splits"],
             out,

@@ -11,7 +11,9 @@ the trials the rule can still choose — at the end, the chosen trial and any tr
 (within the tie tolerance: aggregation across searches may pick one of those); during the
 search, a stopped trial's models and a complete trial's that fell more than the tolerance
 below the best complete one are removed at once. ``all`` keeps every finished fold's model
-(to build fold ensembles of other trials later). Partial folds (a fold folder without
+(to build fold ensembles of other trials later). ``none`` removes each trial's models when it
+ends (its metrics and predictions stay: aggregation and a refit final model need no more; a
+study uses it when ``final.mode`` is refit and the space does not say). Partial folds (a fold folder without
 ``metrics.json``, with the engine's ``checkpoints/``) are scratch and removed on every exit.
 """
 

@@ -134,6 +134,9 @@ def search(
                 shutil.rmtree(out, ignore_errors=True)
             raise
         folder = runs.SearchDir(out)
+        if resume and (finished := _already_complete(folder, space.name, fingerprint)):
+            echo(f"search {space.name}: already complete, nothing to resume -> {out}")
+            return finished
         folder.best_path.unlink(missing_ok=True)  # an earlier run's: not this run's result
         folder.trials_path.unlink(missing_ok=True)
         from breastfusion.io import atomic_write_json
@@ -333,7 +336,11 @@ def _finish(plan: _Plan, live: Session, grid: Any) -> SearchSummary:
     table = results.trial_rows(records, plan.base, plan.folds, plan.out)
     cands = results.candidates(table, plan.base, plan.space.name)
     folder.write_trials_table(table)
-    keep = set(table["trial"]) if plan.space.keep_checkpoints == "all" else results.keep_set(cands)
+    keep = {
+        "all": set(table["trial"]),
+        "best": results.keep_set(cands),
+        "none": set(),
+    }[plan.space.keep_checkpoints]
     results.keep_only(folder, keep)
     best = results.best_record(
         table, cands, space=plan.space, folds=plan.folds, fingerprint=plan.fingerprint
@@ -341,11 +348,53 @@ def _finish(plan: _Plan, live: Session, grid: Any) -> SearchSummary:
     if best is None:
         raise UserError(results.no_best_message(table, plan.out))
     folder.write_best(best)
+    if not table["status"].astype(str).str.upper().eq("ERROR").any():
+        _drop_tune_state(folder, plan.space.name)
     plan.echo(
         f"search {plan.space.name}: {len(table)} trials, best CV AUC {best['score']:.4f} "
         f"({best['trial']}) by the project's rule -> {plan.out}"
     )
     return SearchSummary(out=plan.out, trials=table, best=best)
+
+
+# Tune's experiment-level state (what ``Tuner.restore`` reads). Ray writes the experiment's
+# absolute location into it, so a finished search drops it (``_drop_tune_state``): the search
+# folder can then move without naming its old place, and ``--resume`` of a finished search
+# returns its result (``_already_complete``). Searches with errored trials keep it: ``--resume``
+# retries those. The trials' own Tune folders (params, results) are kept.
+_TUNE_STATE = (
+    "experiment_state-*.json",
+    "basic-variant-state-*.json",
+    "search_gen_state-*.json",
+    "searcher-state-*.pkl",
+    "tuner.pkl",
+    ".validate_storage_marker",
+)
+
+
+def _drop_tune_state(folder: runs.SearchDir, name: str) -> None:
+    exp = folder.tune_dir / name
+    for pattern in _TUNE_STATE:
+        for path in exp.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _already_complete(folder: runs.SearchDir, name: str, fingerprint: str) -> SearchSummary | None:
+    """The finished search in ``folder`` (same fingerprint, results written, Tune's state
+    dropped because nothing errored), or None when there is something to resume."""
+    if not (folder.best_path.is_file() and folder.trials_path.is_file()):
+        return None
+    exp = folder.tune_dir / name
+    if any(next(exp.glob(p), None) is not None for p in _TUNE_STATE[:2]):
+        return None  # Tune can restore it: let it (unfinished or errored trials)
+    try:
+        best = folder.best()
+        table = folder.trials_table()
+    except UserError:
+        return None
+    if best.get("fingerprint") != fingerprint:
+        return None
+    return SearchSummary(out=folder.path, trials=table, best=best)
 
 
 def _references_on_disk(folder: runs.SearchDir, folds: list[int]) -> dict[str, Reference]:
@@ -364,10 +413,13 @@ def _references_on_disk(folder: runs.SearchDir, folds: list[int]) -> dict[str, R
 
 
 def _trim(plan: _Plan, live: Session, name: str, errored: bool) -> None:
-    """``keep_checkpoints: best`` during the search: drop fold models no rule can choose."""
-    if plan.space.keep_checkpoints != "best" or errored:
+    """``keep_checkpoints: best`` during the search: drop fold models no rule can choose
+    (``none``: every ended trial's)."""
+    if plan.space.keep_checkpoints == "all" or errored:
         return  # an errored trial may be resumed: its finished folds are kept
     folder = runs.SearchDir(plan.out)
+    if plan.space.keep_checkpoints == "none":
+        results.remove_models(folder.trial(name))
     done = read_outcomes(folder.trial(name), plan.folds)
     complete = all(k in done for k in plan.folds)
     eligible = complete and not any(o.degenerate for o in done.values())

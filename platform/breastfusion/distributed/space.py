@@ -13,7 +13,8 @@ fixed, what is searched and how::
     resources: {cpu: 1, gpu: 0}   # per trial; per worker when workers > 1
     workers: 1                    # > 1: each fold trains with Ray Train DDP
     max_failures: 2               # retries of a crashed trial
-    keep_checkpoints: best        # best: fold models of the chosen (and tied) trials only; all
+    keep_checkpoints: best        # best: fold models of the chosen (and tied) trials only; all;
+                                  # none (a study's default when final.mode is refit)
     fold_parallel: false          # true: a trial trains its K folds at once (resources per fold)
     folds: 5                      # optional: must match the splits file
     fixed:                        # dotted config keys (see breastfusion.config)
@@ -46,7 +47,7 @@ from breastfusion.io import sha256_json
 ALGORITHMS = ("optuna", "grid", "random")
 SCHEDULERS = ("asha", "median", "none")
 DOMAIN_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
-KEEP_CHECKPOINTS = ("best", "all")
+KEEP_CHECKPOINTS = ("best", "all", "none")
 _SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "fold_pruning", "fold_margin")
 _TOP_KEYS = (
     "name",

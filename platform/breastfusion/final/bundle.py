@@ -37,6 +37,10 @@ FORMAT_ID = f"{FORMAT}/{FORMAT_VERSION}"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
+NO_ONNX = (
+    " (exported with final.onnx false, or a study's model that is neither the chosen one nor "
+    "one of its fallbacks)"
+)
 CONFIG_FILE = "config.yaml"
 DETECTOR_DIR = "detector"
 BUNDLE_DIR = "bundle"  # inside final's output folder
@@ -159,7 +163,7 @@ class Bundle:
                 why = ((self.meta.get("model") or {}).get("onnx") or {}).get("skipped")
                 raise UserError(
                     f"{self.path / ONNX_FILE}: this bundle has no ONNX model"
-                    f"{f' ({why})' if why else ' (exported with final.onnx false)'}; "
+                    f"{f' ({why})' if why else NO_ONNX}; "
                     "use --backend torch"
                 )
             return OnnxRunner(self.path / ONNX_FILE, self.branches)

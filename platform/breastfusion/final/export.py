@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from breastfusion.errors import UserError
 from breastfusion.final.bundle import CONFIG_FILE, DETECTOR_DIR, ONNX_FILE, WEIGHTS_FILE
-from breastfusion.io import atomic_write_bytes, atomic_write_text, shareable
+from breastfusion.io import atomic_write_bytes, atomic_write_text, link_or_copy, shareable
 
 if TYPE_CHECKING:
     import torch
@@ -127,9 +127,9 @@ def copy_detector(source: Path, dest: Path) -> dict[str, Any]:
     target = dest / DETECTOR_DIR
     target.mkdir(parents=True, exist_ok=True)
     shareable(target, folder=True)
-    for name in (META_FILE, record["weights"]):
-        shutil.copyfile(Path(source) / name, target / name)
-        shareable(target / name)
+    shutil.copyfile(Path(source) / META_FILE, target / META_FILE)
+    shareable(target / META_FILE)
+    link_or_copy(Path(source) / record["weights"], target / record["weights"])
     copied, _ = read_bundle(target)  # checksum and format, on the copy
     return {"record": copied, "crop": crop}
 

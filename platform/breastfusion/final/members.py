@@ -123,7 +123,9 @@ def load_member(facts: FoldFacts, chosen: Config) -> tuple[nn.Module, Config]:
     if not path.is_file():
         raise UserError(
             f"{path}: the fold model is missing; mode ensemble needs every fold's "
-            f"{runs.FOLD_MODEL} (use mode refit, or re-run the search keeping the models)"
+            f"{runs.FOLD_MODEL} (use mode refit, or re-run the search keeping the models: "
+            "keep_checkpoints best or all; a study with final.mode refit keeps none unless "
+            "its search spaces say so)"
         )
     ckpt = _read_checkpoint(path, load_checkpoint)
     cfg = Config.from_dict(ckpt.config)

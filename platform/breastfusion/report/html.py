@@ -128,7 +128,7 @@ def _render(inp: ReportInputs) -> tuple[str, list[str]]:
         listed = "; ".join(
             f"{esc(k)}: <code>{esc(v)}</code>" for k, v in sorted(inp.sources.items())
         )
-        sources = f"<p>Inputs: {listed}</p>"
+        sources = f"<p>Inputs (paths relative to the study folder): {listed}</p>"
     page = (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

@@ -72,6 +72,7 @@ class ReportInputs:
     n_boot: int = 1000
     seed: int = 0
     sources: dict[str, str] = field(default_factory=dict)  # what was read from where
+    root: Path | None = None  # the study folder: the page shows paths relative to it
 
 
 def _csv(path: Path) -> pd.DataFrame:
@@ -85,20 +86,38 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 class _Reader:
-    def __init__(self, inp: ReportInputs):
+    """Reads inputs, recording problems by section and sources by what they are; the paths
+    it records are shown relative to the study folder (``root``), so a moved or copied
+    study's report names no old location."""
+
+    def __init__(self, inp: ReportInputs, root: Path | None = None):
         self.inp = inp
+        self.root = root.resolve() if root is not None else None
+
+    def shown(self, path: Path | str) -> str:
+        """``path`` relative to the study folder when it lies inside it."""
+        if self.root is None:
+            return str(path)
+        try:
+            return Path(path).resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _strip(self, text: str) -> str:
+        return text if self.root is None else text.replace(f"{self.root}/", "")
 
     def attempt(self, section: str, what: str, path: Path, fn: Callable[[Path], Any]) -> Any:
         """``fn(path)``, or None with the problem recorded for ``section``."""
         try:
             value = fn(path)
         except UserError as exc:
-            self.inp.problems[section] = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            text = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            self.inp.problems[section] = self._strip(text)
             return None
         except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError) as exc:
-            self.inp.problems[section] = f"{path}: cannot read ({exc})"
+            self.inp.problems[section] = self._strip(f"{path}: cannot read ({exc})")
             return None
-        self.inp.sources[what] = str(path)
+        self.inp.sources[what] = self.shown(path)
         return value
 
 
@@ -112,8 +131,8 @@ def read_study(study_dir: Path) -> ReportInputs:
             f"{study.root} is not a breastfusion study folder (no {runs.STUDY_FILE}); "
             "run `breastfusion run STUDY.yaml --out DIR` first"
         )
-    inp = ReportInputs()
-    r = _Reader(inp)
+    inp = ReportInputs(root=study.root.resolve())
+    r = _Reader(inp, study.root)
     meta = r.attempt("configs", "study", study.study_file, _json) or {}
     inp.title = f"breastfusion report — {meta.get('name') or study.root.resolve().name}"
     if isinstance(meta.get("config"), dict):
@@ -140,9 +159,10 @@ def _read_data(r: _Reader, outputs: dict[str, Any] | None) -> None:
         cfg = r.attempt("cohort", "synthetic cohort", synth, _json) or {}
         r.inp.synthetic = True
         seed = cfg.get("seed", "?")
-        r.inp.data_source = f"built-in synthetic cohort (seed {seed}, {manifest.parent})"
+        where = r.shown(manifest.parent)
+        r.inp.data_source = f"built-in synthetic cohort (seed {seed}, {where})"
     else:
-        r.inp.data_source = str(manifest)
+        r.inp.data_source = r.shown(manifest)
 
 
 def _read_roi(r: _Reader, outputs: dict[str, Any] | None) -> None:

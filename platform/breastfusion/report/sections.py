@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from breastfusion import runs
 from breastfusion.report import cv as CV
 from breastfusion.report import holdout as H
 from breastfusion.report import table as T
@@ -205,11 +206,14 @@ def section_configs(inp: ReportInputs) -> str:
     agg = inp.aggregate
     if agg is not None and agg.best:
         b = agg.best
+        shown = b.get("config", {})
+        if inp.root is not None:  # data paths relative to the study folder, as files store them
+            shown = runs.portable(shown, inp.root)
         parts.append(
             f"<h3>Best configuration: <code>{esc(b.get('search'))}/{esc(b.get('trial'))}</code>"
             f"</h3><p><b>Rule:</b> {esc(b.get('rule') or agg.rule)} (chosen from "
             f"{esc(b.get('selected_from', 'the given searches'))}).</p>"
-            f"<pre>{esc(json.dumps(b.get('config', {}), indent=2, sort_keys=True))}</pre>"
+            f"<pre>{esc(json.dumps(shown, indent=2, sort_keys=True))}</pre>"
         )
     for name, cfg in inp.configs.items():
         text = cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2, sort_keys=True)

@@ -24,13 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from breastfusion.errors import ConfigError, UserError
-from breastfusion.io import atomic_write_json, ensure_dir
+from breastfusion.io import atomic_write_json, ensure_dir, link_or_copy
 from breastfusion.roi.dataset import CLASS_NAME
 from breastfusion.roi.settings import CropSettings, DetectorTrainSettings
 
@@ -82,12 +81,7 @@ def export_detector(
     if not weights.is_file():
         raise UserError(f"{weights}: detector weights not found")
     dest = ensure_dir(dest_dir)
-    tmp = dest / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    try:
-        shutil.copyfile(weights, tmp)
-        os.replace(tmp, dest / WEIGHTS_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    link_or_copy(weights, dest / WEIGHTS_FILE)
     metrics = dict(metrics or {})
     record = {
         "format": FORMAT,
