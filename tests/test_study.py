@@ -353,3 +353,15 @@ def test_debug_study_skips_when_up_to_date_and_after_a_move(debug_study, tmp_pat
     report = S.run_study(DEBUG_YAML, out=moved, resume=True, echo=lines.append)
     assert sum("up to date, skipped" in line for line in lines) == len(STAGES)
     assert report == moved / "09_report" / "index.html" and report.is_file()
+    # Relocatable, shareable and small (issue targets): no stored text names the old place,
+    # every file is readable by group and others under umask 022, the folder <= 300 MB.
+    files = [p for p in moved.rglob("*") if p.is_file()]
+    texts = (".json", ".csv", ".yaml", ".md", ".html")
+    leaks = [p for p in files if p.suffix in texts and str(out) in p.read_text(errors="ignore")]
+    assert not leaks, leaks[:5]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    if mask & 0o044 == 0:  # the study ran under a umask that lets others read
+        assert [p for p in files if p.stat().st_mode & 0o044 != 0o044] == []
+    inodes = {p.stat().st_ino: p.stat().st_size for p in files}  # hard links count once
+    assert sum(inodes.values()) <= 300 * 2**20, sum(inodes.values()) / 2**20
