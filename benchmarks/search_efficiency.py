@@ -8,9 +8,9 @@ the same K patient-level folds and the same fixed settings, one trial at a time:
 * grid:   every (lr, fusion head, batch size) point, each trained K folds × E epochs, no
           early stopping (``scheduler: none``: what a comparison table does);
 * optuna: ``--optuna-trials`` trials over the same ranges (lr log-uniform between the grid's
-          extremes, the same heads and batch sizes), with ASHA within epochs (grace
-          ``--grace-period`` epochs, reduction factor ``--reduction-factor``) and fold pruning
-          between folds (``fold_margin`` 0.01).
+          extremes, the same heads and batch sizes), with ASHA over the trial's epochs (grace
+          ``--grace-period`` trial-epochs, default one fold's; reduction factor
+          ``--reduction-factor``) and fold pruning between folds (``fold_margin`` 0.01).
 
 A trial-epoch is one epoch of one fold of one trial (one Tune result; ``trials.csv``'s
 ``trial_epochs``). Each search's best is the project's rule (``best.json``). Measured in one
@@ -89,12 +89,20 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", default=["sum", "concat"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--optuna-trials", type=int, default=10)
-    parser.add_argument("--grace-period", type=int, default=1, help="ASHA's, in epochs")
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA's, in trial-epochs (default: one fold's epochs; at 1, the first epoch's "
+        "noisy AUC stopped 9 of 10 trials and the best was missed by 0.09)",
+    )
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--difficulty", default="easy", choices=["easy", "standard", "hard"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    if args.grace_period is None:
+        args.grace_period = args.epochs
 
     fixed = {
         "data.modality": "fusion",

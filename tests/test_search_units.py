@@ -557,3 +557,29 @@ def test_cohort_facts_name_what_the_left_out_patients_lack():
     assert "2 patient(s) lack a DM or a US image" in fusion[1]
     dm = cohort_facts(df, split_set, Config().with_overrides({"data.modality": "dm"}), [0])
     assert "1 patient(s) lack a DM image" in dm[1]
+
+
+def test_rays_experiment_state_sync_race_is_one_line_not_a_traceback():
+    """Ray's own race (copying its state while renaming tmp-searcher-state) logs a traceback
+    under load; the console keeps the message on one line."""
+    import logging
+    import sys
+
+    from breastfusion.distributed.tuning import quiet_tune
+
+    quiet_tune()
+    logger = logging.getLogger("ray.tune.execution.experiment_state")
+    try:
+        raise FileNotFoundError("tmp-searcher-state-x.pkl")
+    except FileNotFoundError:
+        record = logger.makeRecord(
+            logger.name, logging.ERROR, __file__, 1,
+            "Saving experiment state to storage at '%s' failed with exception: ", ("/x",),
+            sys.exc_info(),
+        )  # fmt: skip
+    assert all(f.filter(record) for f in logger.filters)
+    text = logging.Formatter().format(record)
+    assert text.count("\n") == 0 and "Traceback" not in text
+    assert "'/x' failed" in text and "FileNotFoundError: tmp-searcher-state-x.pkl" in text
+    other = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "other", (), None)
+    assert all(f.filter(other) for f in logger.filters) and other.msg == "other"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field

@@ -41,6 +41,24 @@ def quiet_tune() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropRayHints) for f in logger.filters):
             logger.addFilter(_DropRayHints())
+    logger = logging.getLogger("ray.tune.execution.experiment_state")
+    if not any(isinstance(f, _OneLineSyncErrors) for f in logger.filters):
+        logger.addFilter(_OneLineSyncErrors())
+
+
+class _OneLineSyncErrors:
+    """Under load, Ray's copy of its experiment state can race with its own rename of the
+    searcher's state file (``FileNotFoundError … tmp-searcher-state``) and print a 20-line
+    traceback; the next save succeeds. Keep the message, on one line."""
+
+    def filter(self, record: Any) -> bool:
+        if str(record.msg).startswith("Saving experiment state") and record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = (
+                f"{record.getMessage()} {type(exc).__name__}: {exc} (retried at the next save)"
+            )
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
 
 
 class _DropRayHints:

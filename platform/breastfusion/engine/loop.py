@@ -27,7 +27,6 @@ single modality (``model(image)``) or ``{"dm", "us", "y", "patient_id"}`` for fu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from breastfusion.config import Config, OptimConfig
+from breastfusion.engine.amp import AmpPolicy
 from breastfusion.engine.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint, unwrap
 from breastfusion.errors import UserError
 
@@ -310,34 +310,6 @@ class _State:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     best_predictions: pd.DataFrame | None = None
     best_on_disk: bool = False  # best.pt holds best_state (else last.pt's weights are it)
-
-
-class AmpPolicy:
-    """Mixed precision on CUDA only: bf16 where supported (no scaler), else fp16 + GradScaler."""
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device_type = device.type
-        self.enabled = enabled and device.type == "cuda"
-        self.dtype = None
-        self.scaler = None
-        if self.enabled:
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            if self.dtype == torch.float16:
-                self.scaler = torch.amp.GradScaler("cuda")
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
 
 
 def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
