@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # Before any test imports albumentations/ultralytics: no update checks, no downloads.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -10,6 +11,11 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 # Two cores in CI: keep each test's BLAS/torch threads bounded.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# A shell that starts the suite in the background (`make test &`, nohup) hands it SIGINT
+# ignored, and every child inherits that: the interrupt tests would send SIGINT into the
+# void and time out. The tests need Python's own Ctrl-C handling, here and in children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --- synthetic cohort shared by many tests (owned by data/synthetic.py) ---
