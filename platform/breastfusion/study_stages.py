@@ -332,7 +332,7 @@ def build_stages(study: StudyConfig) -> list[Stage]:
         ),
         Stage(
             "08_final",
-            "final model: refit, holdout, export, Grad-CAM",
+            "final models (refit or fold ensemble), holdout, export, Grad-CAM",
             ("02_splits", "03_roi", "07_aggregate"),
             final_stage,
         ),
