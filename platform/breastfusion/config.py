@@ -415,15 +415,19 @@ def _path_keys(raw: dict[str, Any]) -> list[str]:
     return keys
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+def _map_paths(raw: dict[str, Any], fn: Any) -> dict[str, Any]:
+    """``raw`` with ``fn(Path)`` applied to each path value (``_path_keys``), in place."""
     for dotted in _path_keys(raw):
         section, name = dotted.split(".")
         block = raw.get(section)
         if isinstance(block, dict) and isinstance(block.get(name), str):
-            value = Path(block[name]).expanduser()
-            if not value.is_absolute():  # lexical, the inverse of ``portable_paths``
-                block[name] = os.path.normpath(base / value)
+            block[name] = fn(Path(block[name]).expanduser())
     return raw
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    # lexical, the inverse of ``portable_paths``
+    return _map_paths(raw, lambda p: str(p) if p.is_absolute() else os.path.normpath(base / p))
 
 
 def resolve_paths(raw: dict[str, Any], base: str | Path) -> dict[str, Any]:
@@ -436,16 +440,8 @@ def resolve_paths(raw: dict[str, Any], base: str | Path) -> dict[str, Any]:
 def portable_paths(raw: dict[str, Any], base: str | Path) -> dict[str, Any]:
     """The inverse of ``resolve_paths``: a copy whose absolute paths are relative to ``base``
     (climbing with ``..`` if needed; absolute only where none exists, e.g. another drive)."""
-    out = copy.deepcopy(raw)
-    start = os.path.abspath(base)
-    for dotted in _path_keys(out):
-        section, name = dotted.split(".")
-        block = out.get(section)
-        if isinstance(block, dict) and isinstance(block.get(name), str):
-            value = Path(block[name]).expanduser()
-            if value.is_absolute():
-                try:
-                    block[name] = Path(os.path.relpath(value, start)).as_posix()
-                except ValueError:
-                    block[name] = value.as_posix()
-    return out
+    from breastfusion.io import relative_ref
+
+    return _map_paths(
+        copy.deepcopy(raw), lambda p: relative_ref(p, base) if p.is_absolute() else str(p)
+    )

@@ -215,6 +215,17 @@ def portable_path(target: str | os.PathLike, start: str | os.PathLike) -> str:
     return Path(rel).as_posix()
 
 
+def relative_ref(target: str | os.PathLike, start: str | os.PathLike) -> str:
+    """``target`` relative to folder ``start``, climbing with ``..`` if needed (POSIX
+    separators), for references resolved against the folder of the file that stores them
+    (config paths, provenance, ``source_path``). Absolute only where no relative path exists
+    (another drive)."""
+    try:
+        return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(start))).as_posix()
+    except ValueError:
+        return Path(os.path.abspath(target)).as_posix()
+
+
 def _default_na_values() -> list[str]:
     try:
         from pandas._libs.parsers import STR_NA_VALUES

@@ -224,10 +224,9 @@ class StudyConfig:
 
 def _portable(path: str | os.PathLike, folder: Path) -> str:
     """``path`` relative to ``folder`` (the study file's), so a moved project hashes the same."""
-    try:
-        return Path(os.path.relpath(path, folder)).as_posix()
-    except ValueError:  # another drive
-        return Path(path).as_posix()
+    from breastfusion.io import relative_ref
+
+    return relative_ref(path, folder)
 
 
 def _sha256(path: str | os.PathLike) -> str:

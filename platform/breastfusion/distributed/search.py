@@ -348,7 +348,7 @@ def _finish(plan: _Plan, live: Session, grid: Any) -> SearchSummary:
     if best is None:
         raise UserError(results.no_best_message(table, plan.out))
     folder.write_best(best)
-    if not table["status"].astype(str).str.upper().eq("ERROR").any():
+    if not table["status"].eq("error").any():
         _drop_tune_state(folder, plan.space.name)
     plan.echo(
         f"search {plan.space.name}: {len(table)} trials, best CV AUC {best['score']:.4f} "
@@ -370,6 +370,7 @@ _TUNE_STATE = (
     "tuner.pkl",
     ".validate_storage_marker",
 )
+_RESTORABLE = _TUNE_STATE[:2]  # present while Tune can restore the experiment
 
 
 def _drop_tune_state(folder: runs.SearchDir, name: str) -> None:
@@ -385,7 +386,7 @@ def _already_complete(folder: runs.SearchDir, name: str, fingerprint: str) -> Se
     if not (folder.best_path.is_file() and folder.trials_path.is_file()):
         return None
     exp = folder.tune_dir / name
-    if any(next(exp.glob(p), None) is not None for p in _TUNE_STATE[:2]):
+    if any(next(exp.glob(p), None) is not None for p in _RESTORABLE):
         return None  # Tune can restore it: let it (unfinished or errored trials)
     try:
         best = folder.best()

@@ -87,12 +87,12 @@ def _json(path: Path) -> dict[str, Any]:
 
 class _Reader:
     """Reads inputs, recording problems by section and sources by what they are; the paths
-    it records are shown relative to the study folder (``root``), so a moved or copied
+    it records are shown relative to the study folder (``inp.root``), so a moved or copied
     study's report names no old location."""
 
-    def __init__(self, inp: ReportInputs, root: Path | None = None):
+    def __init__(self, inp: ReportInputs):
         self.inp = inp
-        self.root = root.resolve() if root is not None else None
+        self.root = inp.root
 
     def shown(self, path: Path | str) -> str:
         """``path`` relative to the study folder when it lies inside it."""
@@ -132,7 +132,7 @@ def read_study(study_dir: Path) -> ReportInputs:
             "run `breastfusion run STUDY.yaml --out DIR` first"
         )
     inp = ReportInputs(root=study.root.resolve())
-    r = _Reader(inp, study.root)
+    r = _Reader(inp)
     meta = r.attempt("configs", "study", study.study_file, _json) or {}
     inp.title = f"breastfusion report — {meta.get('name') or study.root.resolve().name}"
     if isinstance(meta.get("config"), dict):

@@ -28,10 +28,9 @@ import pandas as pd
 
 from breastfusion.data.manifest import BOX_COLUMNS, DERIVED_COLUMNS
 from breastfusion.errors import ConfigError, UserError
-from breastfusion.io import dumps_json
+from breastfusion.io import dumps_json, relative_ref
 from breastfusion.roi.files import (  # noqa: F401  (save_png etc. re-exported: old API)
     relative_path,
-    relative_ref,
     row_box,
     safe_name,
     save_png,

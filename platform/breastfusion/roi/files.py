@@ -44,13 +44,3 @@ def relative_path(target: str | os.PathLike, start: Path) -> str:
     """``target`` as a manifest in ``start`` may store it: relative inside ``start``,
     absolute outside (``load_manifest`` refuses ``..``)."""
     return portable_path(target, start)
-
-
-def relative_ref(target: str | os.PathLike, start: str | os.PathLike) -> str:
-    """``target`` relative to folder ``start``, climbing with ``..`` if needed (POSIX
-    separators), for references that no loader resolves (provenance, ``source_path``).
-    Absolute only where no relative path exists (another drive)."""
-    try:
-        return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(start))).as_posix()
-    except ValueError:
-        return Path(os.path.abspath(target)).as_posix()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from breastfusion.io import dumps_json
+from breastfusion.io import dumps_json, relative_ref
 from breastfusion.roi.dataset import (
     DETECTOR_POLICY,
     DetectorPatients,
@@ -30,7 +30,6 @@ from breastfusion.roi.dataset import (
     export_yolo_dataset,
     plan_detector_patients,
 )
-from breastfusion.roi.files import relative_ref
 from breastfusion.roi.settings import DetectorTrainSettings
 from breastfusion.roi.workdir import build_dir
 from breastfusion.roi.yolo import load_yolo, relativise, sanitise_checkpoint, ultralytics_version
