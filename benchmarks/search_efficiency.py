@@ -90,6 +90,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--optuna-trials", type=int, default=10)
     parser.add_argument(
+        "--pairs-per-patient",
+        type=int,
+        default=None,
+        help="data.pairs_per_patient for training (default: every pair each epoch)",
+    )
+    parser.add_argument(
         "--grace-period",
         type=int,
         default=None,
@@ -111,6 +117,7 @@ def main() -> None:
         "data.num_workers": 0,
         "optim.epochs": args.epochs,
         "optim.patience": 0,
+        "data.pairs_per_patient": args.pairs_per_patient,
         "model.pretrained": "none",
         "train.device": args.device,
     }

@@ -278,3 +278,41 @@ def test_train_refuses_a_foreign_folder_and_a_second_writer(tmp_path, capsys):
             capsys, "--manifest", "m.csv", "--splits", "s.json", *FAST, "--out", str(busy)
         )
     assert rc == 2 and "in use by another breastfusion process" in err and "pid" in err
+
+
+_IMPORTS_PROBE = """
+import json, sys
+from breastfusion.config import Config
+from breastfusion.distributed.worker import warm_process
+from breastfusion.engine.fold import run_fold
+
+def packages():
+    return {m.split(".")[0] for m in sys.modules}
+
+cfg = Config.from_dict(json.loads(sys.argv[1]))
+before = packages()
+warm_process(cfg)
+warmed = packages()
+run_fold(cfg, sys.argv[2])
+print(json.dumps({"warm": sorted(warmed - before), "fold": sorted(packages() - warmed)}))
+"""
+
+
+def test_a_warmed_trial_process_imports_nothing_new_in_its_first_fold(cohort, tmp_path):
+    """A search's trial process pays the fold's lazy imports when it starts
+    (``worker.warm_process``), not in its first fold: the fold then imports no new package."""
+    import subprocess
+    import sys
+
+    manifest, splits = cohort
+    cfg = fast_cfg(manifest, splits, tmp_path, **{"data.max_patients": 4})
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, json.dumps(cfg.to_dict()), str(tmp_path / "f")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"albumentations", "torchvision", "tensorboard"} <= set(seen["warm"]), seen
+    assert seen["fold"] == []

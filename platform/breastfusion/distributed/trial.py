@@ -36,6 +36,7 @@ from breastfusion.distributed.worker import (
     report_fold,
     silent,
     use_threads,
+    warm_process,
 )
 
 __all__ = ["FAULT_ENV", "TrialSetup", "run_trial"]
@@ -48,6 +49,7 @@ def run_trial(params: dict[str, Any], *, setup: TrialSetup) -> None:
     quiet_worker_logging()
     use_threads(setup.resources.get("cpu", 1.0))
     cfg = Config.from_dict(setup.base_config).with_overrides(params)
+    warm_process(cfg)
     ctx = tune.get_context()
     name = ctx.get_trial_name()
     trial = runs.SearchDir(Path(setup.out)).trial(name)

@@ -82,6 +82,16 @@ def cached_cohort(cfg: Config) -> Any:
     return _COHORTS[key]
 
 
+def warm_process(cfg: Config) -> None:
+    """Before a trial's first fold: the fold's lazy imports (``engine.fold.preload``) and the
+    cohort (``cached_cohort``). Both are kept by the process, so only its first trial pays
+    them (as start-up, once) and a reused process pays nothing."""
+    from breastfusion.engine.fold import preload
+
+    preload()
+    cached_cohort(cfg)
+
+
 def use_threads(cpus: float) -> None:
     """As many torch threads as the trial's CPU resources (Ray sets OMP_NUM_THREADS from them;
     torch may have started with another count in a reused process)."""
