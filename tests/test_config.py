@@ -140,9 +140,12 @@ def test_saved_yaml_stores_paths_relative_to_its_folder_and_survives_a_move(tmp_
     fold = runs.FoldDir(b / "run" / "fold0", 0)
     assert fold.config()["data"]["splits"] == str(b / "splits.json")
     # Paths that are not paths stay as they are.
-    assert "pretrained: none" in save_yaml(
-        cfg.with_overrides({"model.pretrained": "none"}), tmp_path / "c.yaml"
-    ).read_text()
+    assert (
+        "pretrained: none"
+        in save_yaml(
+            cfg.with_overrides({"model.pretrained": "none"}), tmp_path / "c.yaml"
+        ).read_text()
+    )
 
 
 def test_yaml_paths_are_relative_to_the_file(tmp_path):

@@ -216,6 +216,19 @@ def test_optuna_is_told_only_cross_validated_objectives(tmp_path):
     assert study.best_trial.number == done.number  # the 0.99 first-fold score is not "best"
 
 
+def test_tpe_models_results_after_a_quarter_of_a_small_search(tmp_path):
+    """Optuna's default random start (10 trials) would turn a 10-trial search into random
+    search; the searcher starts modelling after a quarter of the trials (3 to 10)."""
+    from breastfusion.distributed.optuna_search import CVOptunaSearch, startup_trials
+
+    assert [startup_trials(n) for n in (2, 10, 16, 40, 200)] == [3, 3, 4, 10, 10]
+    for n, expected in ((10, 3), (40, 10)):
+        db = tmp_path / f"{n}.db"
+        searcher = CVOptunaSearch(_space().domains, path=db, study_name="u", seed=0, num_samples=n)
+        searcher.suggest("a_00000")
+        assert searcher._study.sampler._n_startup_trials == expected
+
+
 def test_optuna_study_survives_a_restore(tmp_path):
     import optuna
 
@@ -354,7 +367,9 @@ def test_a_finished_search_drops_tunes_state_and_resume_returns_its_result(tmp_p
     (exp / "t1" / "result.json").write_text("{}")
     for name in ("experiment_state-x.json", "basic-variant-state-x.json", "tuner.pkl"):
         (exp / name).write_text(str(tmp_path))
-    folder.write_trials_table(pd.DataFrame([{"trial": "t1", "status": "complete", "mean_auc": 0.8}]))
+    folder.write_trials_table(
+        pd.DataFrame([{"trial": "t1", "status": "complete", "mean_auc": 0.8}])
+    )
     folder.write_best({"trial": "t1", "fingerprint": "f1"})
     assert S._already_complete(folder, "unit", "f1") is None  # Tune could restore it
     S._drop_tune_state(folder, "unit")

@@ -100,6 +100,7 @@ def searcher(space: SearchSpace, out: Path) -> Any:
         path=runs.SearchDir(out).optuna_path,
         study_name=space.name,
         seed=space.seed,
+        num_samples=space.num_samples,
     )
 
 
