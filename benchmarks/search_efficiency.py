@@ -18,8 +18,11 @@ per patient per epoch), one trial at a time on every core:
 A trial-epoch is one epoch of one fold of one trial (one Tune result; ``trials.csv``'s
 ``trial_epochs``). Each search's best is the project's rule (``best.json``). The measurement's
 own noise is printed next to the gap: ``cv_auc_se``, the median standard error of a grid
-trial's CV mean (fold SD / sqrt(K)); the best of many noisy CV means is biased upwards by about
-that much (more for the 20-point grid than for Optuna's few complete trials). Measured in one
+trial's CV mean (fold SD / sqrt(K)), and ``signal_to_noise``, the SD of the grid's CV means
+over that. Near 1 the grid's configurations differ by no more than their noise: the "best" is
+the luckiest draw (the top of 20 equal configurations lies ~1.9 standard errors above their
+mean), and a gap goal smaller than the standard error cannot be judged on that setting; it
+needs more validation patients or a longer training where the settings matter. Measured in one
 run; nothing is asserted. The last line is JSON.
 
     python benchmarks/search_efficiency.py                  # ~30 min on 2 CPU cores
@@ -32,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -192,6 +196,16 @@ def main() -> None:
         f"grid - optuna {gap:+.4f} (goal <= 0.01; the standard error of one CV mean is "
         f"{g['cv_auc_se']:.4f})"
     )
+    spread = statistics.stdev(g["aucs"]) if len(g["aucs"]) > 1 else math.nan
+    snr = spread / g["cv_auc_se"] if g["cv_auc_se"] > 0 else math.nan
+    print(
+        f"the grid's CV means: SD {spread:.4f} = {snr:.1f} standard errors"
+        + (
+            " (the configurations differ by little more than noise: the gap measures luck)"
+            if snr < 2
+            else ""
+        )
+    )
     print(
         json.dumps(
             {
@@ -201,6 +215,7 @@ def main() -> None:
                 "grid_best_cv_auc": g["best_cv_auc"],
                 "optuna_best_cv_auc": o["best_cv_auc"],
                 "best_gap": gap,
+                "signal_to_noise": snr,
                 "load_average_1m": os.getloadavg()[0],
             },
             sort_keys=True,
