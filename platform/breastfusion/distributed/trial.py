@@ -49,7 +49,6 @@ def run_trial(params: dict[str, Any], *, setup: TrialSetup) -> None:
     quiet_worker_logging()
     use_threads(setup.resources.get("cpu", 1.0))
     cfg = Config.from_dict(setup.base_config).with_overrides(params)
-    warm_process(cfg)
     ctx = tune.get_context()
     name = ctx.get_trial_name()
     trial = runs.SearchDir(Path(setup.out)).trial(name)
@@ -60,6 +59,8 @@ def run_trial(params: dict[str, Any], *, setup: TrialSetup) -> None:
 
         run_folds_at_once(cfg, trial, setup, done, hashes)
         return
+    if setup.workers == 1:  # this process trains the folds (DDP: the TorchTrainer's workers)
+        warm_process(cfg)
     reported = False
     for k in setup.folds:
         if k in done:

@@ -169,8 +169,8 @@ def run_fold(
 
 
 def preload() -> None:
-    """Import now what ``run_fold`` imports lazily (torchvision's models, albumentations, the
-    metrics' scikit-learn, TensorBoard's writer, the loop: ~2.5 s on 2 CPU cores). A search's
+    """Import now what ``run_fold`` imports lazily (torchvision's models, albumentations,
+    TensorBoard's writer, the loop, the metrics: ~2.5 s on 2 CPU cores). A search's
     trial process calls it once, when it starts, so that its first fold costs what its later
     folds cost; everything else (``breastfusion --help``, ``validate``…) keeps them lazy."""
     import albumentations  # noqa: F401
