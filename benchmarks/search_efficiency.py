@@ -25,7 +25,7 @@ mean), and a gap goal smaller than the standard error cannot be judged on that s
 needs more validation patients or a longer training where the settings matter. Measured in one
 run; nothing is asserted. The last line is JSON.
 
-    python benchmarks/search_efficiency.py                  # ~30 min on 2 CPU cores
+    python benchmarks/search_efficiency.py                  # ~20 min on 2 CPU cores
     python benchmarks/search_efficiency.py --patients 600 --size 64 --epochs 6 --folds 5
 """
 
