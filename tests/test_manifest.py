@@ -445,3 +445,17 @@ def test_logic_modules_do_not_import_click():
         [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_stored_paths_relative_inside_and_how_they_leave_the_folder(tmp_path):
+    """``io.portable_path`` (manifest image paths) never climbs out with ``..``;
+    ``io.relative_ref`` (references read back against their file's folder) does."""
+    from breastfusion.io import portable_path, relative_ref
+
+    folder = tmp_path / "cohort"
+    inside, outside = folder / "dm" / "a.png", tmp_path / "elsewhere" / "b.png"
+    assert portable_path(inside, folder) == "dm/a.png" == relative_ref(inside, folder)
+    assert portable_path(outside, folder) == outside.as_posix()
+    assert relative_ref(outside, folder) == "../elsewhere/b.png"
+    assert portable_path(tmp_path, folder) == tmp_path.as_posix()
+    assert relative_ref(tmp_path, folder) == ".."

@@ -186,7 +186,7 @@ def test_optuna_is_told_only_cross_validated_objectives(tmp_path):
     from breastfusion.distributed.optuna_search import CVOptunaSearch, storage_url
 
     db = tmp_path / runs.OPTUNA_FILE
-    searcher = CVOptunaSearch(_space().domains, path=db, study_name="unit", seed=0)
+    searcher = CVOptunaSearch(_space().domains, path=db, study_name="unit", seed=0, num_samples=4)
     full, stopped, failed = "a_00000", "a_00001", "a_00002"
     for tid in (full, stopped, failed):
         params = searcher.suggest(tid)
@@ -235,14 +235,14 @@ def test_optuna_study_survives_a_restore(tmp_path):
     from breastfusion.distributed.optuna_search import CVOptunaSearch, storage_url
 
     db = tmp_path / runs.OPTUNA_FILE
-    first = CVOptunaSearch(_space().domains, path=db, study_name="unit", seed=0)
+    first = CVOptunaSearch(_space().domains, path=db, study_name="unit", seed=0, num_samples=4)
     first.suggest("a_00000")
     first.suggest("a_00001")
     first.on_trial_result("a_00000", _epoch(1, 0.6))
     first.save(str(tmp_path / "searcher.pkl"))
     first.suggest("a_00002")  # asked after the last saved state: lost in a hard kill
 
-    again = CVOptunaSearch(_space().domains, path=db, study_name="unit", seed=0)
+    again = CVOptunaSearch(_space().domains, path=db, study_name="unit", seed=0, num_samples=4)
     again.restore(str(tmp_path / "searcher.pkl"))
     final = {**_epoch(2, 0.65), COMPLETE: 1}
     again.on_trial_result("a_00000", final)

@@ -198,23 +198,6 @@ def _swap_in(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def portable_path(target: str | os.PathLike, start: str | os.PathLike) -> str:
-    """``target`` as a manifest in folder ``start`` should store it (POSIX separators).
-
-    Inside ``start``: relative, so the folder can move. Outside: absolute, because
-    ``load_manifest`` refuses relative paths that climb out with ``..`` and another drive
-    has no relative path at all. Never contains ``..``.
-    """
-    target_abs = os.path.abspath(target)
-    try:
-        rel = os.path.relpath(target_abs, os.path.abspath(start))
-    except ValueError:
-        return Path(target_abs).as_posix()
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        return Path(target_abs).as_posix()
-    return Path(rel).as_posix()
-
-
 def relative_ref(target: str | os.PathLike, start: str | os.PathLike) -> str:
     """``target`` relative to folder ``start``, climbing with ``..`` if needed (POSIX
     separators), for references resolved against the folder of the file that stores them
@@ -224,6 +207,19 @@ def relative_ref(target: str | os.PathLike, start: str | os.PathLike) -> str:
         return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(start))).as_posix()
     except ValueError:
         return Path(os.path.abspath(target)).as_posix()
+
+
+def portable_path(target: str | os.PathLike, start: str | os.PathLike) -> str:
+    """``target`` as a manifest in folder ``start`` should store it (POSIX separators).
+
+    Inside ``start``: relative, so the folder can move. Outside: absolute, because
+    ``load_manifest`` refuses relative paths that climb out with ``..`` and another drive
+    has no relative path at all. Never contains ``..``.
+    """
+    rel = relative_ref(target, start)
+    if rel == os.pardir or rel.startswith(os.pardir + "/"):
+        return Path(os.path.abspath(target)).as_posix()
+    return rel
 
 
 def _default_na_values() -> list[str]:

@@ -75,7 +75,7 @@ class CVOptunaSearch(Searcher):
         path: Path,
         study_name: str,
         seed: int,
-        num_samples: int = 40,
+        num_samples: int,
     ):
         super().__init__(metric=METRIC, mode="max")
         self._dists = distributions(domains)
